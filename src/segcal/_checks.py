@@ -1,0 +1,71 @@
+"""Input validation shared by every public entry point.
+
+Every check raises ``ValueError`` / ``TypeError`` with a message naming the argument and what was expected, so a
+wrong input never turns into a silently wrong number.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(x: object, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_dense_scores(logits: object, name: str = "logits") -> Tensor:
+    """(N, C, H, W) floating tensor with finite values and C >= 2."""
+    logits = check_tensor(logits, name)
+    if logits.ndim != 4:
+        raise ValueError(f"`{name}` must have shape (N, C, H, W), got {tuple(logits.shape)}")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"`{name}` must be a floating tensor, got {logits.dtype}")
+    if logits.shape[1] < 2:
+        raise ValueError(f"`{name}` must have at least 2 classes on dim 1, got C={logits.shape[1]}")
+    check_finite(logits, name)
+    return logits
+
+
+def check_finite(x: Tensor, name: str) -> None:
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist() if x.ndim > 1 else []
+        where = f" (batch items {bad[:10]})" if bad else ""
+        raise ValueError(f"`{name}` contains NaN or inf values{where}")
+
+
+def check_target(target: object, num_classes: int, ignore_index: int | None, *, name: str = "target",
+                 shape: tuple[int, ...] | None = None) -> Tensor:
+    """(N, H, W) integer labels in [0, C) or equal to ``ignore_index``."""
+    target = check_tensor(target, name)
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"`{name}` must be an integer tensor of class indices, got {target.dtype}")
+    if target.ndim != 3:
+        raise ValueError(f"`{name}` must have shape (N, H, W), got {tuple(target.shape)}")
+    if shape is not None and tuple(target.shape) != tuple(shape):
+        raise ValueError(f"`{name}` shape {tuple(target.shape)} does not match the predictions' (N, H, W) = "
+                         f"{tuple(shape)}")
+    valid = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+    if valid.any():
+        vals = target[valid]
+        lo, hi = int(vals.min()), int(vals.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"`{name}` has labels outside [0, {num_classes}) that are not ignore_index="
+                             f"{ignore_index}: min {lo}, max {hi}")
+    return target
+
+
+def check_logits_target(logits: object, target: object, ignore_index: int | None,
+                        num_classes: int | None = None) -> tuple[Tensor, Tensor]:
+    """Validate a (N, C, H, W) / (N, H, W) pair; ``num_classes`` checks C when given."""
+    logits = check_dense_scores(logits)
+    c = logits.shape[1]
+    if num_classes is not None and c != num_classes:
+        raise ValueError(f"`logits` has C={c} classes but {num_classes} were expected")
+    n, _, h, w = logits.shape
+    target = check_target(target, c, ignore_index, shape=(n, h, w))
+    return logits, target

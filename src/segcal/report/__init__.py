@@ -1,0 +1,1 @@
+"""segcal.report."""
