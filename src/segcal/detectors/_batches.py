@@ -1,0 +1,42 @@
+"""Normalise the many shapes a "stream of batches" can take into ``(logits, target, features)`` triples.
+
+Accepted per-batch items: a ``LogitsStore``-style dict with keys ``logits``, ``target`` and optionally ``features``;
+or a tuple ``(logits, target)`` / ``(logits, target, features)``. The stream itself may be an iterable or a zero-arg
+callable returning a fresh iterator; only the latter (or a re-iterable container) can be walked more than once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from torch import Tensor
+
+Batch = tuple[Tensor, "Tensor | None", "Tensor | None"]
+BatchSource = Iterable[Any] | Callable[[], Iterable[Any]]
+
+
+def unpack_batch(item: Any) -> Batch:
+    if isinstance(item, dict):
+        if "logits" not in item:
+            raise ValueError(f"a batch dict must have a 'logits' key, got keys {sorted(item)}")
+        return item["logits"], item.get("target"), item.get("features")
+    if isinstance(item, (tuple, list)) and len(item) in (2, 3):
+        return item[0], item[1], item[2] if len(item) == 3 else None
+    raise TypeError(f"`batches` must yield dicts with 'logits'/'target'[/'features'] or tuples (logits, target"
+                    f"[, features]), got {type(item).__name__}")
+
+
+def iterate(batches: BatchSource, *, passes: int = 1) -> Iterator[Batch]:
+    """One pass over ``batches``; ``passes`` only decides whether a one-shot iterator is acceptable."""
+    if callable(batches) and not isinstance(batches, Iterable):
+        source = batches()
+    elif isinstance(batches, Iterable):
+        if passes > 1 and iter(batches) is batches:
+            raise TypeError("`batches` is a one-shot iterator but several passes are needed; pass a list or a "
+                            "zero-arg callable returning a fresh iterator (e.g. lambda: store.batches(...))")
+        source = batches
+    else:
+        raise TypeError(f"`batches` must be an iterable or a zero-arg callable, got {type(batches).__name__}")
+    for item in source:
+        yield unpack_batch(item)
