@@ -1,1 +1,2 @@
 """segcal.data."""
+from .store import LogitsStore as LogitsStore
