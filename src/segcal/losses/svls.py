@@ -46,9 +46,10 @@ def svls(logits: Tensor, target: Tensor, sigma: float = 1.0, kernel_size: int = 
         >>> svls(torch.randn(2, 4, 5, 5), torch.randint(0, 4, (2, 5, 5)), sigma=1.0).shape
         torch.Size([])
     """
-    kernel = svls_kernel(kernel_size, sigma)
+    svls_kernel(kernel_size, sigma)  # validate hyperparameters before the (costlier) input checks
     logits, _, valid, safe = prepare(logits, target, ignore_index, reduction)
-    smooth = soft_labels(safe, valid, logits.shape[1], kernel.to(logits), padding="replicate")
+    kernel = svls_kernel(kernel_size, sigma, dtype=logits.dtype, device=logits.device)
+    smooth = soft_labels(safe, valid, logits.shape[1], kernel, padding="replicate")
     per_pixel = -(smooth * F.log_softmax(logits, dim=1)).sum(dim=1)
     return reduce_loss(per_pixel, valid, reduction)
 
