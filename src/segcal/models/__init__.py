@@ -1,1 +1,34 @@
-"""segcal.models."""
+"""segcal.models: the reference ESPNet, adapters for other frameworks, checkpoint loading.
+
+``load("espnet-camvid")`` / ``load("espnet-cityscapes")`` / ``load(path)`` return a :class:`Segmenter`;
+``wrap(module)`` adapts any PyTorch segmentation network. See ``docs/models.md``.
+"""
+
+from .adapters import wrap
+from .checkpoint import ARCHITECTURES, load_checkpoint, model_from_checkpoint, save_checkpoint
+from .espnet import ESPNet
+from .heads import MergeClasses, SelectChannels
+from .load import available_models, load
+from .preprocess import Normalize
+from .pretrained import CITYSCAPES_TO_CAMVID, PRETRAINED, build_espnet, pretrained_path
+from .segmenter import Segmenter, extract_logits
+
+__all__ = [
+    "ARCHITECTURES",
+    "CITYSCAPES_TO_CAMVID",
+    "PRETRAINED",
+    "ESPNet",
+    "MergeClasses",
+    "Normalize",
+    "Segmenter",
+    "SelectChannels",
+    "available_models",
+    "build_espnet",
+    "extract_logits",
+    "load",
+    "load_checkpoint",
+    "model_from_checkpoint",
+    "pretrained_path",
+    "save_checkpoint",
+    "wrap",
+]
