@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 COMMANDS = {
     "train": "fine-tune a segmentation model with a (calibration) loss",
@@ -19,16 +23,196 @@ COMMANDS = {
 }
 
 
+def _key_values(items: Sequence[str] | None) -> dict[str, Any]:
+    """``["alpha=0.1", "kernel=mean"]`` → ``{"alpha": 0.1, "kernel": "mean"}`` (values parsed as JSON when possible)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = raw
+    return out
+
+
+def _dist_init() -> tuple[int, int]:
+    """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl with CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _dataset(args: argparse.Namespace) -> Any:
+    from segcal import data
+
+    if getattr(args, "images", None):
+        return data.SegmentationFolder(args.images, labels=getattr(args, "labels", None))
+    if args.dataset == "camvid":
+        return data.CamVid(split=args.split)
+    if args.dataset == "synthetic":
+        return data.SyntheticSegmentation(n=args.synthetic_n, size=(96, 128), num_classes=11, seed=0)
+    raise ValueError(f"unknown --dataset {args.dataset!r}; choose camvid or synthetic, or give --images DIR")
+
+
+# ----------------------------------------------------------------------------------------------------------- train
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="espnet-camvid", help="model name or checkpoint path to start from")
+    p.add_argument("--dataset", default="camvid", choices=["camvid", "synthetic"])
+    p.add_argument("--loss", default="ce", help="ce, ls, focal, ecp, svls, mbls, nacl, aslp")
+    p.add_argument("--loss-arg", action="append", metavar="K=V", help="loss hyperparameter, repeatable")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), default=None, help="random crop size")
+    p.add_argument("--max-steps-per-epoch", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="run directory (checkpoints, log)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    p.add_argument("--synthetic-n", type=int, default=16, help=argparse.SUPPRESS)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from segcal import data, losses, models
+    from segcal.engine import Trainer
+
+    model = models.load(args.model)
+    if args.dataset == "camvid":
+        train_set, val_set = data.CamVid(split="train"), data.CamVid(split="val")
+    else:
+        train_set = data.SyntheticSegmentation(n=args.synthetic_n, size=(96, 128), num_classes=11, seed=0)
+        val_set = data.SyntheticSegmentation(n=4, size=(96, 128), num_classes=11, seed=1)
+    loss = losses.get_loss(args.loss, **_key_values(args.loss_arg))
+    trainer = Trainer(model, loss, train_set, val_set, out_dir=args.out, epochs=args.epochs,
+                      batch_size=args.batch_size, lr=args.lr, seed=args.seed, crop_size=args.crop,
+                      max_steps_per_epoch=args.max_steps_per_epoch)
+    trainer.fit(resume=not args.no_resume)
+    print(f"checkpoints and log in {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------- predict
+def _add_predict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="espnet-camvid", help="model name or checkpoint path")
+    p.add_argument("--dataset", default="camvid", choices=["camvid", "synthetic"])
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--images", help="an image folder instead of --dataset")
+    p.add_argument("--labels", help="label folder matching --images (optional)")
+    p.add_argument("--out", required=True, help="logits store directory (resumed if it exists)")
+    p.add_argument("--features", action="store_true", help="also store decoder features (for FlowEneDet)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--corruption", help="apply a corruption (see segcal.data.CORRUPTIONS)")
+    p.add_argument("--severity", type=int, default=3)
+    p.add_argument("--synthetic-n", type=int, default=16, help=argparse.SUPPRESS)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from segcal import data, models
+    from segcal.engine import predict
+
+    rank, world = _dist_init()
+    dataset = _dataset(args)
+    if args.corruption:
+        dataset = data.CorruptedDataset(dataset, args.corruption, args.severity)
+    store = predict(models.load(args.model), dataset, args.out, batch_size=args.batch_size, features=args.features,
+                    rank=rank, world_size=world)
+    if rank == 0:
+        print(f"{len(store)} images in logits store {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------- fit
+def _add_fit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibrator", required=True,
+                   help="ts, vs, ms, dirichlet, ets, lts, selective, histogram, isotonic")
+    p.add_argument("--logits", required=True, help="logits store to fit on (a validation split)")
+    p.add_argument("--out", required=True, help="output calibrator file")
+    p.add_argument("--arg", action="append", metavar="K=V", help="calibrator hyperparameter, repeatable")
+    p.add_argument("--batch-size", type=int, default=4)
+
+
+def _run_fit(args: argparse.Namespace) -> int:
+    from segcal.calibrators import get_calibrator
+    from segcal.data import LogitsStore
+
+    _dist_init()
+    store = LogitsStore(args.logits)
+    cal = get_calibrator(args.calibrator, **_key_values(args.arg))
+    cal.fit(lambda: store.batches(batch_size=args.batch_size))
+    cal.save(args.out)
+    print(f"{type(cal).__name__} fitted on {len(store)} images: {cal.get_params()} → {args.out}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------------- evaluate
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--logits", required=True, help="logits store (with labels)")
+    p.add_argument("--calibrator", help="a calibrator file written by `segcal fit`")
+    p.add_argument("--json", help="write the metrics here (rank 0)")
+    p.add_argument("--n-bins", type=int, default=15)
+    p.add_argument("--boundary-width", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=4)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from segcal.data import LogitsStore
+    from segcal.engine.evaluate import evaluate_store
+
+    rank, world = _dist_init()
+    store = LogitsStore(args.logits)
+    transform = None
+    if args.calibrator:
+        from segcal.calibrators import load as load_calibrator
+
+        transform = load_calibrator(args.calibrator).transform
+    result = evaluate_store(store, transform, n_bins=args.n_bins, boundary_width=args.boundary_width,
+                            batch_size=args.batch_size, rank=rank, world_size=world)
+    if rank == 0:
+        scalars = {k: v for k, v in result.items() if isinstance(v, int | float)}
+        width = max(len(k) for k in scalars)
+        for k, v in scalars.items():
+            print(f"{k:<{width}}  {v:.6g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1, sort_keys=True))
+            print(f"metrics written to {args.json}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------- report
+def _add_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results_dir", help="folder with results.json (from `segcal benchmark` or `segcal demo`)")
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from segcal.report import render_report
+
+    print(f"report: {render_report(args.results_dir)}")
+    return 0
+
+
+_ADD_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "train": _add_train, "predict": _add_predict, "fit": _add_fit, "evaluate": _add_evaluate, "report": _add_report,
+}
+_HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": _run_train, "predict": _run_predict, "fit": _run_fit, "evaluate": _run_evaluate, "report": _run_report,
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segcal", description="Trustworthy confidence for semantic segmentation.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        _ADD_ARGS.get(name, lambda _p: None)(p)
+        if name in _ADD_ARGS:
+            _ADD_ARGS[name](p)
     return parser
-
-
-_ADD_ARGS: dict = {}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,9 +227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(handler(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
         print(f"segcal {args.command}: error: {err}", file=sys.stderr)
         return 1
-
-
-_HANDLERS: dict = {}
+    except KeyboardInterrupt:
+        print(f"segcal {args.command}: interrupted; finished work is kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
