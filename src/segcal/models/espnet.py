@@ -180,6 +180,9 @@ class ESPNet(nn.Module):
         super().__init__()
         if skip not in ("b1", "level1"):
             raise ValueError(f"`skip` must be 'b1' or 'level1', got {skip!r}")
+        if num_classes < 5:
+            # The decoder's ESP block splits C channels into five branches of C // 5 each.
+            raise ValueError(f"ESPNet needs `num_classes` >= 5 (decoder splits C by 5), got {num_classes}")
         c = num_classes
         self.num_classes = c
         self.skip = skip
