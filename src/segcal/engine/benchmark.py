@@ -1,0 +1,481 @@
+"""The main job: logits (cached) → calibrators fit on val → metrics on test, detectors on IDM / pasted anomalies /
+corruptions → ``results.json``, ``results.md`` and the HTML report.
+
+``segcal benchmark`` runs the full protocol; ``segcal demo`` the same pipeline on a subset with the quick methods.
+Everything is seeded: two runs on the same inputs write identical ``results.json`` (timings are kept out of it and
+go to ``timings.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from segcal.data.store import LogitsStore
+from segcal.engine.evaluate import calibration_summary, evaluate_store, to_jsonable
+from segcal.engine.inference import predict
+from segcal.metrics import CalibrationMetrics, DetectionMetrics
+
+QUICK_CALIBRATORS = ("ts", "vs", "ets", "selective")
+ALL_CALIBRATORS = ("ts", "vs", "ms", "dirichlet", "ets", "lts", "histogram", "isotonic", "selective")
+QUICK_DETECTORS = ("msp", "max_logit", "entropy", "energy", "sml", "flowenedet-u")
+ALL_DETECTORS = ("msp", "max_logit", "entropy", "energy", "sml", "flowenedet-u", "flowenedet-c", "selective")
+QUICK_CORRUPTIONS = ("gaussian_noise", "motion_blur", "fog", "darkness")
+ALL_CORRUPTIONS = ("gaussian_noise", "shot_noise", "defocus_blur", "motion_blur", "fog", "brightness", "contrast",
+                   "jpeg_compression", "pixelate", "darkness")
+#: keyword arguments that keep learned methods fast enough for the demo (the full benchmark uses the defaults)
+QUICK_KWARGS: dict[str, dict[str, Any]] = {"selective": {"epochs": 8}, "flowenedet-u": {"epochs": 2},
+                                           "flowenedet-c": {"epochs": 2}}
+
+
+@dataclass
+class BenchmarkConfig:
+    """What :func:`run_benchmark` does. ``n_images`` limits every split to evenly spaced frames (the demo)."""
+
+    out: Path
+    model: str = "espnet-camvid"
+    shift_model: str | None = "espnet-cityscapes"
+    cache: Path = Path("cache")
+    calibrators: Sequence[str] = ALL_CALIBRATORS
+    detectors: Sequence[str] = ALL_DETECTORS
+    corruptions: Sequence[str] = ALL_CORRUPTIONS
+    severities: Sequence[int] = (1, 2, 3, 4, 5)
+    n_images: int | None = None
+    n_shift_images: int | None = 40
+    n_examples: int = 3
+    anomalies: bool = True
+    checkpoints: Path | None = None
+    method_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    batch_size: int = 4
+    seed: int = 0
+    progress: bool = True
+
+
+class Subset:
+    """Evenly spaced frames of a dataset (every sequence stays represented), keeping the dataset's attributes."""
+
+    def __init__(self, dataset: Any, n: int | None) -> None:
+        self.dataset = dataset
+        total = len(dataset)
+        self.indices = list(range(total)) if n is None or n >= total else \
+            np.linspace(0, total - 1, n).round().astype(int).tolist()
+        self.names = [dataset.names[i] for i in self.indices] if hasattr(dataset, "names") else None
+        for attr in ("class_names", "num_classes", "ignore_index", "split"):
+            if hasattr(dataset, attr):
+                setattr(self, attr, getattr(dataset, attr))
+        self.name = getattr(dataset, "name", type(dataset).__name__)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.dataset[self.indices[i]]
+
+
+# ------------------------------------------------------------------------------------------------------ logits
+def cached_store(model: Any, model_name: str, split: str, cfg: BenchmarkConfig, features: bool = True
+                 ) -> tuple[LogitsStore, Any]:
+    """Predict (or reuse) the logits store of ``model`` on a CamVid split, restricted to ``cfg.n_images``."""
+    from segcal.data import CamVid
+
+    dataset = Subset(CamVid(split=split), cfg.n_images)
+    tag = split if cfg.n_images is None else f"{split}-n{cfg.n_images}"
+    path = Path(cfg.cache) / "logits" / model_name / tag
+    store = predict(model, dataset, path, batch_size=cfg.batch_size, features=features, progress=cfg.progress)
+    return store, dataset
+
+
+def _with_images(batches: Callable[[], Iterator[dict]], dataset: Any) -> Callable[[], Iterator[dict]]:
+    """Add the RGB images (N,3,H,W float in [0,1]) to store batches, for calibrators that look at the image (LTS)."""
+    index = {n: i for i, n in enumerate(dataset.names)}
+
+    def gen() -> Iterator[dict]:
+        for batch in batches():
+            imgs = np.stack([dataset[index[n]]["image"] for n in batch["names"]])
+            batch["images"] = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0
+            yield batch
+
+    return gen
+
+
+# ------------------------------------------------------------------------------------------------- calibration
+def fit_calibrators(names: Sequence[str], store: LogitsStore, dataset: Any, cfg: BenchmarkConfig,
+                    store_names: Sequence[str] | None = None) -> tuple[dict[str, Any], dict[str, float]]:
+    """Fit each calibrator on (part of) a store. Returns ``{name: fitted}`` and fit times in seconds."""
+    from segcal.calibrators import get_calibrator
+
+    fitted, times = {}, {}
+    for name in names:
+        cal = get_calibrator(name, **cfg.method_kwargs.get(name, {}))
+        source = lambda: store.batches(cfg.batch_size, names=store_names)  # noqa: E731
+        if name == "lts":
+            source = _with_images(source, dataset)
+        torch.manual_seed(cfg.seed)
+        start = time.perf_counter()
+        cal.fit(source)
+        times[name] = time.perf_counter() - start
+        fitted[name] = cal
+    return fitted, times
+
+
+def _transform(cal: Any, dataset: Any) -> Callable[[Tensor, Sequence[str]], Tensor]:
+    needs_images = type(cal).__name__ == "LocalTemperatureScaling"
+    index = {n: i for i, n in enumerate(dataset.names)} if needs_images else {}
+
+    def apply(logits: Tensor, names: Sequence[str]) -> Tensor:
+        if needs_images:
+            imgs = np.stack([dataset[index[n]]["image"] for n in names])
+            images = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0
+            return cal.transform(logits, images=images)
+        return cal.transform(logits)
+
+    return apply
+
+
+def evaluate_calibrators(store: LogitsStore, dataset: Any, calibrators: dict[str, Any], cfg: BenchmarkConfig,
+                         names: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Uncalibrated + every calibrator on ``store`` (restricted to ``names``) in one pass over the logits."""
+    methods = {"uncalibrated": None, **calibrators}
+    metrics = {m: CalibrationMetrics(store.num_classes, n_bins=15, boundary_width=2) for m in methods}
+    split = {m: (CalibrationMetrics(store.num_classes, n_bins=15),
+                 CalibrationMetrics(store.num_classes, n_bins=15)) for m in methods}
+    transforms = {m: _transform(c, dataset) for m, c in calibrators.items()}
+    with torch.inference_mode():
+        for batch in store.batches(cfg.batch_size, names=names):
+            logits, target = batch["logits"], batch["target"]
+            pred = logits.argmax(1)
+            valid = target != 255
+            correct_t = torch.where(valid & (pred == target), target, 255)
+            wrong_t = torch.where(valid & (pred != target), target, 255)
+            for m in methods:
+                out = logits if m == "uncalibrated" else transforms[m](logits, batch["names"])
+                metrics[m].update(out, target)
+                split[m][0].update(out, correct_t)
+                split[m][1].update(out, wrong_t)
+    results = {}
+    for m in methods:
+        res = calibration_summary(metrics[m])
+        res["per_class_ece"] = res.pop("cw_ece_per_class", None)
+        res["ece_correct"] = to_jsonable(split[m][0].compute()["ece"])
+        res["ece_wrong"] = to_jsonable(split[m][1].compute()["ece"])
+        results[m] = {k: v for k, v in res.items() if v is not None}
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------- detection
+def fit_detectors(names: Sequence[str], fit_store: LogitsStore, sml_store: LogitsStore, cfg: BenchmarkConfig,
+                  selective: Any = None) -> tuple[dict[str, Any], dict[str, float]]:
+    """Fit the learned detectors: SML statistics on training logits, FlowEneDet on validation logits + features."""
+    from segcal.detectors import get_detector
+
+    fitted, times = {}, {}
+    for name in names:
+        kwargs = dict(cfg.method_kwargs.get(name, {}))
+        start = time.perf_counter()
+        if name == "selective":
+            if selective is None:
+                continue
+            det = get_detector(name, calibrator=selective)
+        else:
+            det = get_detector(name, **kwargs)
+        if name == "sml":
+            det.fit(lambda: sml_store.batches(cfg.batch_size))
+        elif name.startswith("flowenedet"):
+            torch.manual_seed(cfg.seed)
+            det.fit(lambda: fit_store.batches(cfg.batch_size, features=True))
+        times[name] = time.perf_counter() - start
+        fitted[name] = det
+    return fitted, times
+
+
+def _new_detection_metrics(per_image: bool) -> DetectionMetrics:
+    return DetectionMetrics(per_image=per_image)
+
+
+def detection_summary(metric: DetectionMetrics) -> dict[str, Any]:
+    out = {k: to_jsonable(v) for k, v in metric.compute().items()}
+    curves = metric.curves()
+    out["roc"] = [_thin(to_jsonable(curves["roc"][0])), _thin(to_jsonable(curves["roc"][1]))]
+    out["pr"] = [_thin(to_jsonable(curves["pr"][0])), _thin(to_jsonable(curves["pr"][1]))]
+    return out
+
+
+def _thin(values: list[float], keep: int = 200) -> list[float]:
+    if len(values) <= keep:
+        return values
+    idx = np.linspace(0, len(values) - 1, keep).round().astype(int)
+    return [values[i] for i in idx]
+
+
+def evaluate_idm(store: LogitsStore, detectors: dict[str, Any], cfg: BenchmarkConfig,
+                 names: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """In-distribution misprediction detection: positive = ``argmax ≠ label`` on valid pixels, per image + pooled."""
+    metrics = {d: _new_detection_metrics(per_image=True) for d in detectors}
+    with torch.inference_mode():
+        for batch in store.batches(cfg.batch_size, names=names, features=store.has_features):
+            logits, target = batch["logits"], batch["target"]
+            valid = target != 255
+            positive = (logits.argmax(1) != target) & valid
+            for d, det in detectors.items():
+                metrics[d].update(det.score(logits, features=batch.get("features")), positive, valid)
+    return {d: detection_summary(m) for d, m in metrics.items()}
+
+
+def _model_batches(model: Any, dataset: Any, batch_size: int, desc: str, progress: bool
+                   ) -> Iterator[tuple[list[dict], Tensor, Tensor]]:
+    """Run the model on a dataset on the fly (for protocols whose inputs are not cached)."""
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(dataset), batch_size), desc=desc, disable=not progress, leave=False):
+            samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            images = np.stack([s["image"] for s in samples])
+            logits, feats = model.predict_batch(images, features=True)
+            yield samples, logits.float(), feats.float()
+
+
+def evaluate_anomalies(model: Any, test_set: Any, detectors: dict[str, Any], cfg: BenchmarkConfig
+                       ) -> dict[str, dict[str, Any]]:
+    """Pasted-anomaly OOD protocol: positive = pasted object pixels, negatives = valid in-distribution pixels."""
+    from segcal.data.anomalies import PastedAnomalyDataset
+
+    dataset = PastedAnomalyDataset(Subset(test_set, cfg.n_shift_images), seed=cfg.seed)
+    metrics = {d: _new_detection_metrics(per_image=False) for d in detectors}
+    for samples, logits, feats in _model_batches(model, dataset, cfg.batch_size, "pasted anomalies", cfg.progress):
+        ood = torch.from_numpy(np.stack([s["ood_mask"] for s in samples]))
+        target = torch.from_numpy(np.stack([s["target"] for s in samples]))
+        valid = ood | (target != 255)
+        for d, det in detectors.items():
+            metrics[d].update(det.score(logits, features=feats), ood, valid)
+    return {d: detection_summary(m) for d, m in metrics.items()}
+
+
+def evaluate_corruptions(model: Any, test_set: Any, detectors: dict[str, Any], calibrators: dict[str, Any],
+                         cfg: BenchmarkConfig) -> dict[str, dict[str, dict[str, float]]]:
+    """ECE (uncalibrated and per calibrator) and IDM AUROC per detector, per corruption and severity."""
+    from segcal.data.corruptions import CorruptedDataset
+
+    base = Subset(test_set, cfg.n_shift_images)
+    clean = _shift_point(model, base, detectors, calibrators, cfg, "clean")
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for corruption in cfg.corruptions:
+        out[corruption] = {"0": clean}
+        for severity in cfg.severities:
+            data = CorruptedDataset(base, corruption, severity, seed=cfg.seed)
+            out[corruption][str(severity)] = _shift_point(model, data, detectors, calibrators, cfg,
+                                                          f"{corruption}-{severity}")
+    return out
+
+
+def _shift_point(model: Any, dataset: Any, detectors: dict[str, Any], calibrators: dict[str, Any],
+                 cfg: BenchmarkConfig, desc: str) -> dict[str, float]:
+    cal_metrics = {m: CalibrationMetrics(11, n_bins=15) for m in ("uncalibrated", *calibrators)}
+    det_metrics = {d: _new_detection_metrics(per_image=False) for d in detectors}
+    for samples, logits, feats in _model_batches(model, dataset, cfg.batch_size, desc, cfg.progress):
+        target = torch.from_numpy(np.stack([s["target"] for s in samples]))
+        valid = target != 255
+        positive = (logits.argmax(1) != target) & valid
+        for m, metric in cal_metrics.items():
+            metric.update(logits if m == "uncalibrated" else calibrators[m].transform(logits), target)
+        for d, det in detectors.items():
+            det_metrics[d].update(det.score(logits, features=feats), positive, valid)
+    point: dict[str, float] = {}
+    for m, metric in cal_metrics.items():
+        values = metric.compute()
+        point[f"ECE {m}"] = to_jsonable(values["ece"])
+        if m == "uncalibrated":
+            point["mIoU"] = to_jsonable(values["miou"])
+    for d, metric in det_metrics.items():
+        point[f"IDM AUROC {d}"] = to_jsonable(metric.compute()["auroc"])
+    return point
+
+
+# ----------------------------------------------------------------------------------------------------- examples
+def _colormap(values: np.ndarray, cmap: str = "magma") -> np.ndarray:
+    import matplotlib
+
+    return (matplotlib.colormaps[cmap](np.clip(values, 0, 1))[..., :3] * 255).astype(np.uint8)
+
+
+def _rank_normalise(score: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(score, [1, 99])
+    return (score - lo) / max(hi - lo, 1e-12)
+
+
+def write_examples(store: LogitsStore, dataset: Any, detectors: dict[str, Any], out: Path, n: int
+                   ) -> list[dict[str, Any]]:
+    """PNG panels for a few test images: image, ground truth, prediction, confidence, errors, detector scores."""
+    from PIL import Image
+
+    from segcal.data import colorize
+
+    if n <= 0:
+        return []
+    folder = out / "examples"
+    folder.mkdir(parents=True, exist_ok=True)
+    picks = np.linspace(0, len(dataset) - 1, n).round().astype(int)
+    examples = []
+    for i in picks:
+        sample = dataset[int(i)]
+        name = sample["name"]
+        entry = store.get(name)
+        logits = entry.logits.float()[None]
+        feats = entry.features.float()[None] if getattr(entry, "features", None) is not None else None
+        probs = logits.softmax(1)[0]
+        conf, pred = probs.max(0)
+        target = sample["target"]
+        error = (pred.numpy() != target) & (target != 255)
+        panels = {"image": sample["image"], "ground truth": colorize(target), "prediction": colorize(pred.numpy()),
+                  "confidence (max softmax)": _colormap(conf.numpy(), "viridis"),
+                  "errors (white)": np.repeat((error * 255).astype(np.uint8)[..., None], 3, axis=2)}
+        with torch.inference_mode():
+            for d, det in detectors.items():
+                score = det.score(logits, features=feats)[0].numpy()
+                panels[f"score: {d}"] = _colormap(_rank_normalise(score))
+        rel = {}
+        for title, img in panels.items():
+            safe = "".join(ch if ch.isalnum() else "_" for ch in title)
+            path = folder / f"{name}_{safe}.png"
+            Image.fromarray(img).resize((240, 180), Image.NEAREST).save(path)
+            rel[title] = str(path.relative_to(out))
+        examples.append({"name": name, "panels": rel})
+    return examples
+
+
+# --------------------------------------------------------------------------------------------------- orchestration
+def _markdown(results: dict[str, Any]) -> str:
+    lines = [f"# segcal results — {results['meta']['model']} on {results['meta']['dataset']}", ""]
+    cols = ("ece", "mce", "ace", "cw_ece", "nll", "brier", "oe", "boundary_ece", "interior_ece", "miou",
+            "ece_correct", "ece_wrong")
+    for eval_set, methods in results.get("calibration", {}).items():
+        lines += [f"## Calibration — {eval_set}", "", "| method | " + " | ".join(cols) + " |",
+                  "|---" * (len(cols) + 1) + "|"]
+        for m, r in methods.items():
+            lines.append(f"| {m} | " + " | ".join(_md_num(r.get(c)) for c in cols) + " |")
+        lines.append("")
+    dcols = ("auroc", "ap", "fpr95", "auroc_per_image", "ap_per_image", "fpr95_per_image")
+    for protocol, dets in results.get("detection", {}).items():
+        lines += [f"## Detection — {protocol}", "", "| detector | " + " | ".join(dcols) + " |",
+                  "|---" * (len(dcols) + 1) + "|"]
+        for d, r in dets.items():
+            lines.append(f"| {d} | " + " | ".join(_md_num(r.get(c)) for c in dcols) + " |")
+        lines.append("")
+    shift = results.get("shift") or {}
+    if shift:
+        keys = sorted({k for by_sev in shift.values() for v in by_sev.values() for k in v})
+        lines += ["## Corruptions (mean over corruptions per severity)", "",
+                  "| severity | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        sevs = sorted({int(s) for by_sev in shift.values() for s in by_sev})
+        for s in sevs:
+            vals = [[by_sev[str(s)][k] for by_sev in shift.values() if str(s) in by_sev and
+                     by_sev[str(s)].get(k) is not None] for k in keys]
+            lines.append(f"| {s} | " + " | ".join(_md_num(float(np.mean(v)) if v else None) for v in vals) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _md_num(v: Any) -> str:
+    return "—" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+
+def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
+    """Run the whole protocol and write ``results.json``, ``results.md``, ``timings.json`` and ``index.html``."""
+    from segcal import models
+    from segcal.report import render_report
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model = models.load(cfg.model)
+    timings: dict[str, Any] = {}
+    val_store, val_set = cached_store(model, cfg.model, "val", cfg)
+    test_store, test_set = cached_store(model, cfg.model, "test", cfg)
+    train_store, _ = cached_store(model, cfg.model, "train", cfg, features=False)
+
+    calibrators, timings["calibrator_fit_s"] = fit_calibrators(cfg.calibrators, val_store, val_set, cfg)
+    calibration: dict[str, Any] = {}
+    for eval_set, names in _test_sets(test_store).items():
+        calibration[eval_set] = evaluate_calibrators(test_store, test_set, calibrators, cfg, names)
+    for m, t in timings["calibrator_fit_s"].items():
+        calibration["test (all)"][m]["fit_images"] = len(val_store)
+        _ = t  # fit times go to timings.json: wall-clock is not deterministic
+
+    if cfg.shift_model:
+        shift_model = models.load(cfg.shift_model)
+        s_val, s_val_set = cached_store(shift_model, cfg.shift_model, "val", cfg, features=False)
+        s_test, s_test_set = cached_store(shift_model, cfg.shift_model, "test", cfg, features=False)
+        quick = [c for c in cfg.calibrators if c != "lts"]
+        s_cals, timings["shift_calibrator_fit_s"] = fit_calibrators(quick, s_val, s_val_set, cfg)
+        calibration[f"shift: {cfg.shift_model} → CamVid test"] = evaluate_calibrators(s_test, s_test_set, s_cals,
+                                                                                       cfg)
+
+    detectors, timings["detector_fit_s"] = fit_detectors(cfg.detectors, val_store, train_store, cfg,
+                                                         selective=calibrators.get("selective"))
+    detection = {"IDM: CamVid test (positive = mispredicted pixel)": evaluate_idm(test_store, detectors, cfg)}
+    for seq, names in _sequences(test_store).items():
+        detection[f"IDM: CamVid test {seq}"] = evaluate_idm(test_store, detectors, cfg, names)
+    if cfg.anomalies:
+        detection["OOD: pasted anomalies on CamVid test"] = evaluate_anomalies(model, test_set, detectors, cfg)
+    shift = evaluate_corruptions(model, test_set, detectors, {k: v for k, v in calibrators.items()
+                                                              if k in ("ts", "selective")}, cfg) \
+        if cfg.corruptions else {}
+
+    from segcal.data import CAMVID_CLASSES
+
+    results = {
+        "meta": {"model": cfg.model, "dataset": "CamVid", "calibration fit": f"CamVid val ({len(val_store)} images)",
+                 "evaluation": f"CamVid test ({len(test_store)} images)", "n_bins": 15, "seed": cfg.seed,
+                 "shift images": cfg.n_shift_images, "segcal_version": _version()},
+        "class_names": list(CAMVID_CLASSES),
+        "config": to_jsonable({k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
+                               if k not in ("out", "cache", "progress")}),
+        "calibration": calibration,
+        "detection": detection,
+        "shift": shift,
+        "examples": write_examples(test_store, test_set, detectors, out, cfg.n_examples),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(_markdown(results))
+    (out / "timings.json").write_text(json.dumps(to_jsonable(timings), indent=1))
+    render_report(out)
+    return results
+
+
+def _test_sets(store: LogitsStore) -> dict[str, list[str] | None]:
+    sets: dict[str, list[str] | None] = {"test (all)": None}
+    for seq, names in _sequences(store).items():
+        sets[f"test {seq}"] = names
+    return sets
+
+
+def _sequences(store: LogitsStore) -> dict[str, list[str]]:
+    from segcal.data import sequence_of
+
+    seqs: dict[str, list[str]] = {}
+    for n in store.names:
+        seqs.setdefault(sequence_of(n), []).append(n)
+    labels = {"0001TP": "0001TP (dusk)", "Seq05VD": "Seq05VD (unseen sequence)"}
+    return {labels.get(k, k): v for k, v in seqs.items()}
+
+
+def _version() -> str:
+    from segcal import __version__
+
+    return __version__
+
+
+def demo_config(out: Path, n_images: int = 24) -> BenchmarkConfig:
+    """The README's first command: the benchmark on a subset with the quick methods (minutes, not hours)."""
+    return BenchmarkConfig(out=out, n_images=n_images, n_shift_images=12, calibrators=QUICK_CALIBRATORS,
+                           detectors=QUICK_DETECTORS, corruptions=QUICK_CORRUPTIONS, severities=(1, 3, 5),
+                           shift_model="espnet-cityscapes", method_kwargs=QUICK_KWARGS, n_examples=2)
+
+
+__all__ = ["BenchmarkConfig", "demo_config", "evaluate_store", "run_benchmark"]
