@@ -32,7 +32,11 @@ def check_dense_scores(logits: object, name: str = "logits") -> Tensor:
 
 
 def check_finite(x: Tensor, name: str) -> None:
-    if x.is_floating_point() and not torch.isfinite(x).all():
+    # A finite float32 sum proves every element finite in one fast reduction; only a non-finite sum (NaN/inf, or a
+    # rare overflow) pays for the element-wise check.
+    if x.is_floating_point() and not torch.isfinite(x.sum(dtype=torch.float64 if x.dtype == torch.float64
+                                                          else torch.float32)) \
+            and not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist() if x.ndim > 1 else []
         where = f" (batch items {bad[:10]})" if bad else ""
         raise ValueError(f"`{name}` contains NaN or inf values{where}")
@@ -69,3 +73,23 @@ def check_logits_target(logits: object, target: object, ignore_index: int | None
     n, _, h, w = logits.shape
     target = check_target(target, c, ignore_index, shape=(n, h, w))
     return logits, target
+
+
+def check_images(images: object, logits_shape: tuple[int, ...] | torch.Size, name: str = "images") -> Tensor:
+    """(N, K, H, W) images (uint8 or float) matching the (N, ·, H, W) of the logits; returned as finite float32.
+
+    uint8 images are scaled to [0, 1].
+    """
+    images = check_tensor(images, name)
+    if images.ndim != 4:
+        raise ValueError(f"`{name}` must have shape (N, 3, H, W), got {tuple(images.shape)}")
+    n, _, h, w = logits_shape
+    if images.shape[0] != n or tuple(images.shape[2:]) != (h, w):
+        raise ValueError(f"`{name}` shape {tuple(images.shape)} does not match the logits' (N, ·, H, W) = "
+                         f"({n}, ·, {h}, {w})")
+    if images.dtype == torch.uint8:
+        return images.float() / 255.0
+    if not images.is_floating_point():
+        raise TypeError(f"`{name}` must be uint8 or floating, got {images.dtype}")
+    check_finite(images, name)
+    return images.float()

@@ -1,0 +1,419 @@
+"""Streaming calibration metrics for dense predictions: ECE, MCE, ACE, classwise ECE, NLL, Brier, OE, mIoU.
+
+The class and the functional twins share three private steps: ``_format_calibration`` (validate),
+``_update_calibration`` (one batch -> fixed-size integer state increments) and ``_compute_calibration``
+(states -> values). States never grow with the number of images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from segcal._checks import check_dense_scores, check_logits_target, check_target
+from segcal.metrics._binning import (
+    ace_fine_edges,
+    ace_fine_index,
+    check_n_bins,
+    from_fixed,
+    merge_slots,
+    nan,
+    slot_index,
+    to_fixed,
+)
+from segcal.metrics.boundary import boundary_mask
+
+# Images are processed in chunks of about this many class-scores so that temporaries stay cache-sized and memory
+# does not grow with the batch size.
+_CHUNK_ELEMENTS = 2**21
+
+
+@dataclass(frozen=True)
+class _CalibrationConfig:
+    num_classes: int
+    n_bins: int = 15
+    ignore_index: int | None = 255
+    input: str = "logits"
+    exclude_classes: tuple[int, ...] = ()
+    boundary_width: int | None = None
+    ace_resolution: int = 2**16
+    classwise: bool = True
+
+    @property
+    def n_regions(self) -> int:
+        return 2 if self.boundary_width is not None else 1
+
+
+def _make_config(num_classes: int, n_bins: int, ignore_index: int | None, input: str,
+                 exclude_classes: Iterable[int] | None, boundary_width: int | None, ace_resolution: int,
+                 classwise: bool = True) -> _CalibrationConfig:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"`num_classes` must be an int >= 2, got {num_classes!r}")
+    check_n_bins(n_bins)
+    if input not in ("logits", "probs"):
+        raise ValueError(f"`input` must be 'logits' or 'probs', got {input!r}")
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+        raise ValueError(f"`ignore_index` must be an int or None, got {ignore_index!r}")
+    excl = tuple(sorted({int(k) for k in (exclude_classes or ())}))
+    if any(k < 0 or k >= num_classes for k in excl):
+        raise ValueError(f"`exclude_classes` must be class indices in [0, {num_classes}), got {excl}")
+    if len(excl) >= num_classes:
+        raise ValueError("`exclude_classes` excludes every class")
+    if boundary_width is not None and (isinstance(boundary_width, bool) or not isinstance(boundary_width, int)
+                                       or boundary_width < 1):
+        raise ValueError(f"`boundary_width` must be None or a positive int, got {boundary_width!r}")
+    if isinstance(ace_resolution, bool) or not isinstance(ace_resolution, int) or ace_resolution < 16:
+        raise ValueError(f"`ace_resolution` must be an int >= 16, got {ace_resolution!r}")
+    return _CalibrationConfig(num_classes, n_bins, ignore_index, input, excl, boundary_width, ace_resolution,
+                              classwise)
+
+
+def _state_shapes(cfg: _CalibrationConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every (int64, sum-reduced) state."""
+    c, n, r = cfg.num_classes, cfg.n_bins, cfg.n_regions
+    return {
+        "bin_count": (r, n), "bin_correct": (r, n), "bin_conf": (r, n),
+        "fine_count": (cfg.ace_resolution,), "fine_correct": (cfg.ace_resolution,),
+        "fine_conf": (cfg.ace_resolution,),
+        "cw_pos": (c, n), "cw_conf": (c, n),
+        "nll_sum": (), "brier_sum": (),
+        "confmat": (c, c),
+        "image_ece_sum": (), "image_count": (),
+    }
+
+
+def _zero_states(cfg: _CalibrationConfig, device: torch.device | None = None) -> dict[str, Tensor]:
+    return {k: torch.zeros(s, dtype=torch.int64, device=device) for k, s in _state_shapes(cfg).items()}
+
+
+def _format_calibration(preds: object, target: object, cfg: _CalibrationConfig) -> tuple[Tensor, Tensor]:
+    """Validate a batch: (N, C, H, W) logits/probabilities and (N, H, W) labels."""
+    if cfg.input == "logits":
+        preds, target = check_logits_target(preds, target, cfg.ignore_index, cfg.num_classes)
+        return preds, target
+    preds = check_dense_scores(preds, "preds")
+    if preds.shape[1] != cfg.num_classes:
+        raise ValueError(f"`preds` has C={preds.shape[1]} classes but num_classes={cfg.num_classes}")
+    n, _, h, w = preds.shape
+    target = check_target(target, cfg.num_classes, cfg.ignore_index, shape=(n, h, w))
+    lo, hi = float(preds.min()), float(preds.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"`preds` with input='probs' must lie in [0, 1], got min {lo:.4g}, max {hi:.4g}")
+    tol = 1e-3 if preds.dtype in (torch.float32, torch.float64) else 2e-2
+    err = float((preds.sum(1, dtype=torch.float64) - 1.0).abs().max())
+    if err > tol:
+        raise ValueError(f"`preds` with input='probs' must sum to 1 over dim 1 (C), max deviation {err:.3g}")
+    return preds, target
+
+
+def _first_argmax(x: Tensor, top: Tensor) -> Tensor:
+    """Index of the first class equal to the max ``top``.
+
+    ``max(C - k)`` over the classes that attain the maximum is a plain reduction over dim 1, which is several
+    times faster than ``argmax(dim=1)`` on (N, C, H, W) CPU tensors.
+    """
+    c = x.shape[1]
+    wdt = torch.uint8 if c < 256 else torch.int32
+    w = torch.arange(c, 0, -1, dtype=wdt, device=x.device).view(1, c, 1, 1)
+    return c - ((x == top.unsqueeze(1)) * w).amax(1).long()
+
+
+def _update_chunk(preds: Tensor, target: Tensor, cfg: _CalibrationConfig, out: dict[str, Tensor]) -> None:
+    c_num, n, r_num, res = cfg.num_classes, cfg.n_bins, cfg.n_regions, cfg.ace_resolution
+    n_img = preds.shape[0]
+    wd = torch.float64 if preds.dtype == torch.float64 else torch.float32
+    valid = target != cfg.ignore_index if cfg.ignore_index is not None else torch.ones_like(target,
+                                                                                            dtype=torch.bool)
+    region = None
+    if cfg.boundary_width is not None:
+        region = boundary_mask(target, cfg.boundary_width, cfg.ignore_index).long()
+    for k in cfg.exclude_classes:
+        valid &= target != k
+    y = torch.where(valid, target, 0).long()
+    x = preds.to(wd)
+    tiny = torch.finfo(wd).tiny
+    if cfg.input == "logits":
+        pred = _first_argmax(x, x.amax(1))
+        p = torch.softmax(x, 1)
+        p_y = p.gather(1, y.unsqueeze(1)).squeeze(1)
+        logp_y = torch.log(p_y.clamp_min(tiny))
+        # An underflowed p_y would cap the NLL; recompute those (rare) pixels from the logits.
+        under = valid & (p_y < 1e-30)
+        if under.any():
+            xs = x.permute(0, 2, 3, 1)[under]
+            logp_y[under] = xs.gather(1, y[under].unsqueeze(1)).squeeze(1) - torch.logsumexp(xs, 1)
+    else:
+        p = x
+        pred = _first_argmax(x, x.amax(1))
+        p_y = p.gather(1, y.unsqueeze(1)).squeeze(1)
+        logp_y = torch.log(p_y.clamp_min(tiny))
+    conf = p.gather(1, pred.unsqueeze(1)).squeeze(1)
+    correct = (pred == y) & valid
+    vf = valid.to(torch.float64)
+
+    # Top-label histograms: one unweighted bincount gives count and correct (correct is the lowest index bit),
+    # one weighted bincount the confidence sums; per image and per region so image ECE and the band come free.
+    slot = slot_index(conf, n)
+    cell = torch.arange(n_img, device=x.device).view(-1, 1, 1) * r_num
+    if region is not None:
+        cell = cell + region
+    dump = n_img * r_num * (n + 1)
+    idx = torch.where(valid, cell * (n + 1) + slot, dump)
+    h2 = torch.bincount((idx * 2 + correct).flatten(), minlength=2 * dump + 2)[: 2 * dump]
+    h2 = h2.view(n_img, r_num, n + 1, 2)
+    hc = torch.bincount(idx.flatten(), weights=conf.to(torch.float64).flatten(), minlength=dump + 1)[:dump]
+    cnt = merge_slots(h2.sum(-1))
+    cor = merge_slots(h2[..., 1])
+    cfs = merge_slots(hc.view(n_img, r_num, n + 1))
+    out["bin_count"] += cnt.sum(0)
+    out["bin_correct"] += cor.sum(0)
+    out["bin_conf"] += to_fixed(cfs.sum(0))
+    img_n = cnt.sum((1, 2))
+    img_gap = (cor.sum(1).double() - cfs.sum(1)).abs().sum(1)
+    has = img_n > 0
+    out["image_ece_sum"] += to_fixed((img_gap[has] / img_n[has]).sum())
+    out["image_count"] += has.sum()
+
+    fidx = torch.where(valid, ace_fine_index(conf, res), res)
+    f2 = torch.bincount((fidx * 2 + correct).flatten(), minlength=2 * res + 2)[: 2 * res].view(res, 2)
+    fc = torch.bincount(fidx.flatten(), weights=conf.to(torch.float64).flatten(), minlength=res + 1)[:res]
+    out["fine_count"] += f2.sum(-1)
+    out["fine_correct"] += f2[:, 1]
+    out["fine_conf"] += to_fixed(fc)
+
+    if cfg.classwise:
+        pidx = torch.where(valid, y * (n + 1) + slot_index(p_y, n), c_num * (n + 1))
+        pos = torch.bincount(pidx.flatten(), minlength=c_num * (n + 1) + 1)[: c_num * (n + 1)]
+        out["cw_pos"] += merge_slots(pos.view(c_num, n + 1))
+        # pn = n * p on valid pixels, 0 elsewhere: one pass gives both the slot (ceil) and, divided by n at the end,
+        # the summed probabilities. Row-wise scatter keeps each float32 partial sum short (<= W terms).
+        pn = p * torch.where(valid, float(n), 0.0).to(wd).unsqueeze(1)
+        acc = torch.zeros(n_img, c_num, p.shape[2], n + 1, dtype=wd, device=p.device)
+        acc.scatter_add_(3, torch.ceil(pn).to(torch.int64), pn)
+        out["cw_conf"] += to_fixed(merge_slots(acc.sum((0, 2), dtype=torch.float64)) / n)
+
+    sumsq = torch.linalg.vecdot(p, p, dim=1)
+    brier = (sumsq - 2.0 * p_y + 1.0).to(torch.float64) * vf
+    out["brier_sum"] += to_fixed(brier.sum())
+    out["nll_sum"] += to_fixed((-logp_y.to(torch.float64) * vf).sum())
+    cidx = torch.where(valid, y * c_num + pred, c_num * c_num)
+    out["confmat"] += torch.bincount(cidx.flatten(), minlength=c_num * c_num + 1)[:-1].view(c_num, c_num)
+
+
+def _update_calibration(preds: Tensor, target: Tensor, cfg: _CalibrationConfig) -> dict[str, Tensor]:
+    """One validated batch -> int64 increments of every state (same keys and shapes as the states)."""
+    out = _zero_states(cfg, preds.device)
+    per_image = max(1, preds[0].numel())
+    step = max(1, _CHUNK_ELEMENTS // per_image)
+    for i in range(0, preds.shape[0], step):
+        _update_chunk(preds[i:i + step], target[i:i + step], cfg, out)
+    return out
+
+
+def _ece_terms(count: Tensor, correct: Tensor, conf: Tensor) -> dict[str, Tensor]:
+    """ECE, MCE, OE and accuracy from float64 per-bin count / correct-sum / confidence-sum."""
+    total = count.sum()
+    if total <= 0:
+        return {"ece": nan(), "mce": nan(), "oe": nan(), "accuracy": nan()}
+    nz = count > 0
+    acc_b = correct[nz] / count[nz]
+    conf_b = conf[nz] / count[nz]
+    w = count[nz] / total
+    return {
+        "ece": (w * (acc_b - conf_b).abs()).sum(),
+        "mce": (acc_b - conf_b).abs().max(),
+        "oe": (w * conf_b * (conf_b - acc_b).clamp_min(0.0)).sum(),
+        "accuracy": correct.sum() / total,
+    }
+
+
+def _adaptive_ece(count: Tensor, correct: Tensor, conf: Tensor, n_bins: int,
+                  edges: Tensor) -> tuple[Tensor, Tensor]:
+    """Equal-mass ECE from the fine histogram, and a rigorous bound on its distance to the sorted-pixel value.
+
+    Adaptive bin b holds sorted positions ``[bN/n, (b+1)N/n)``; a fine bin cut by such a boundary is split in
+    proportion to its count (pixels of equal confidence share fractionally). With ``q`` of ``m`` pixels of a cut
+    fine bin of confidence width ``d`` on the left, the split of ``sum(correct - c)`` is off by at most
+    ``q (m - q) / m * (1 + d)``, and each adaptive bin's error is the difference of its two boundaries' errors.
+    """
+    total = count.sum()
+    if total <= 0:
+        return nan(), nan()
+    nz = count > 0
+    cum_n = torch.cat([torch.zeros(1, dtype=torch.float64), count[nz].cumsum(0)])
+    cum_x = torch.cat([torch.zeros(1, dtype=torch.float64), (correct[nz] - conf[nz]).cumsum(0)])
+    width = (edges[1:] - edges[:-1])[nz]
+    beta = total * torch.arange(n_bins + 1, dtype=torch.float64) / n_bins
+    j = torch.searchsorted(cum_n, beta, right=False).clamp(1, len(cum_n) - 1)
+    lo, hi = cum_n[j - 1], cum_n[j]
+    frac = ((beta - lo) / (hi - lo)).clamp(0.0, 1.0)
+    f = cum_x[j - 1] + frac * (cum_x[j] - cum_x[j - 1])
+    ace = (f[1:] - f[:-1]).abs().sum() / total
+    q = beta - lo
+    m = hi - lo
+    err = q * (m - q) / m * (1.0 + width[j - 1])
+    # The exact-1.0 bin holds ties only, whose proportional split is the definition rather than an approximation.
+    if bool(nz[-1]):
+        err = torch.where(j == len(cum_n) - 1, 0.0, err)
+    bound = 2.0 * err[1:-1].clamp_min(0.0).sum() / total
+    return ace, bound
+
+
+def _iou(confmat: Tensor) -> Tensor:
+    cm = confmat.to(torch.float64)
+    tp = cm.diagonal()
+    union = cm.sum(0) + cm.sum(1) - tp
+    return torch.where(union > 0, tp / union.clamp_min(1.0), math.nan)
+
+
+def _compute_calibration(states: dict[str, Tensor], cfg: _CalibrationConfig) -> dict[str, Tensor]:
+    """Fixed-size states -> metric values (float64 scalars; per-class tensors of shape (C,))."""
+    count = states["bin_count"].to(torch.float64)
+    correct = states["bin_correct"].to(torch.float64)
+    conf = from_fixed(states["bin_conf"])
+    out = _ece_terms(count.sum(0), correct.sum(0), conf.sum(0))
+    total = count.sum()
+    ace, bound = _adaptive_ece(states["fine_count"].to(torch.float64), states["fine_correct"].to(torch.float64),
+                               from_fixed(states["fine_conf"]), cfg.n_bins, ace_fine_edges(cfg.ace_resolution))
+    out["ace"] = ace
+    out["ace_error_bound"] = bound
+    keep = torch.ones(cfg.num_classes, dtype=torch.bool)
+    keep[list(cfg.exclude_classes)] = False
+    if cfg.classwise:
+        if total > 0:
+            per_class = (states["cw_pos"].to(torch.float64) - from_fixed(states["cw_conf"])).abs().sum(1) / total
+        else:
+            per_class = torch.full((cfg.num_classes,), math.nan, dtype=torch.float64)
+        out["cw_ece"] = per_class[keep].mean()
+        out["cw_ece_per_class"] = per_class
+    safe = total if total > 0 else torch.tensor(math.nan, dtype=torch.float64)
+    out["nll"] = from_fixed(states["nll_sum"]) / safe
+    out["brier"] = from_fixed(states["brier_sum"]) / safe
+    iou = _iou(states["confmat"])
+    ok = keep & ~torch.isnan(iou)
+    out["miou"] = iou[ok].mean() if ok.any() else nan()
+    out["iou"] = iou
+    n_img = states["image_count"].to(torch.float64)
+    out["image_ece"] = from_fixed(states["image_ece_sum"]) / n_img if n_img > 0 else nan()
+    out["n_pixels"] = total
+    if cfg.boundary_width is not None:
+        out["interior_ece"] = _ece_terms(count[0], correct[0], conf[0])["ece"]
+        out["boundary_ece"] = _ece_terms(count[1], correct[1], conf[1])["ece"]
+        out["boundary_fraction"] = count[1].sum() / safe
+    return out
+
+
+def _reliability(states: dict[str, Tensor], cfg: _CalibrationConfig, region: int | None = None) -> dict[str, Tensor]:
+    count = states["bin_count"].to(torch.float64)
+    correct = states["bin_correct"].to(torch.float64)
+    conf = from_fixed(states["bin_conf"])
+    if region is None:
+        count, correct, conf = count.sum(0), correct.sum(0), conf.sum(0)
+    else:
+        count, correct, conf = count[region], correct[region], conf[region]
+    denom = torch.where(count > 0, count, math.nan)
+    return {
+        "edges": torch.linspace(0.0, 1.0, cfg.n_bins + 1, dtype=torch.float64),
+        "count": count,
+        "confidence": conf / denom,
+        "accuracy": correct / denom,
+    }
+
+
+class CalibrationMetrics(Metric):
+    r"""Streaming calibration and segmentation metrics over the valid pixels of a dataset.
+
+    With top-label confidence :math:`c = \max_k p_k`, equal-width bins :math:`B_b = \{c \in (b/n, (b+1)/n]\}`
+    (``c = 0`` in bin 0, so ``c = 1`` is in the last bin) and :math:`N` valid pixels:
+
+    .. math::
+        \mathrm{ECE} = \sum_b \frac{|B_b|}{N}\,|\mathrm{acc}_b - \mathrm{conf}_b|,\quad
+        \mathrm{MCE} = \max_{b: |B_b|>0} |\mathrm{acc}_b - \mathrm{conf}_b|,\quad
+        \mathrm{OE} = \sum_b \frac{|B_b|}{N}\,\mathrm{conf}_b\,\max(\mathrm{conf}_b - \mathrm{acc}_b, 0)
+
+    ``ace`` uses ``n_bins`` equal-mass bins (from a fine histogram; ``ace_error_bound`` is a rigorous bound on the
+    distance to the sorted-pixel value), ``cw_ece`` is the mean over classes of the equal-width ECE of :math:`p_k`
+    against :math:`1[y = k]`, ``nll = mean(-log p_y)``, ``brier = mean(sum_k (p_k - 1[y=k])^2)``, ``miou`` is over
+    classes with non-empty union, ``image_ece`` is the mean over images (with a valid pixel) of per-image ECE.
+
+    All states are fixed-size int64 sums (fixed point for real-valued sums), so memory does not grow with the data
+    and any split into batches or processes of the same batches gives bit-identical results.
+
+    Args:
+        num_classes: number of classes C.
+        n_bins: equal-width (and equal-mass) bins.
+        ignore_index: label excluded from everything (``None``: none).
+        input: ``"logits"`` (softmax is applied, in float32; float64 stays float64) or ``"probs"``.
+        exclude_classes: pixels whose label is one of these are excluded (e.g. background, "foreground only");
+            excluded classes are also left out of the ``cw_ece`` and ``miou`` means.
+        boundary_width: if set, also report ``boundary_ece`` / ``interior_ece`` for pixels within this Chebyshev
+            distance of a different valid label (see :func:`segcal.metrics.boundary.boundary_mask`).
+        ace_resolution: number of bins of the adaptive-ECE fine histogram (on ``t = -log2(1 - c)``).
+
+    Shape:
+        - preds: :math:`(N, C, H, W)` float (float16/bfloat16 accepted)
+        - target: :math:`(N, H, W)` integer
+
+    Returns:
+        ``compute()`` -> dict of float64 tensors: ece, mce, ace, ace_error_bound, cw_ece, cw_ece_per_class (C,),
+        nll, brier, oe, accuracy, miou, iou (C,), image_ece, n_pixels (+ boundary_ece, interior_ece,
+        boundary_fraction with ``boundary_width``); NaN when no valid pixel was seen.
+
+    References:
+        Guo et al., "On Calibration of Modern Neural Networks", ICML 2017, arXiv:1706.04599 (ECE/MCE);
+        Nixon et al., "Measuring Calibration in Deep Learning", CVPRW 2019, arXiv:1904.01685 (ACE, classwise);
+        Thulasidasan et al., "On Mixup Training", NeurIPS 2019, arXiv:1905.11001 (OE).
+
+    Example:
+        >>> metric = CalibrationMetrics(num_classes=3)
+        >>> metric.update(torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8)))
+        >>> out = metric.compute()
+        >>> 0.0 <= float(out["ece"]) <= 1.0
+        True
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, num_classes: int, n_bins: int = 15, ignore_index: int | None = 255, input: str = "logits",
+                 exclude_classes: Iterable[int] | None = None, boundary_width: int | None = None,
+                 ace_resolution: int = 2**16, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self._cfg = _make_config(num_classes, n_bins, ignore_index, input, exclude_classes, boundary_width,
+                                 ace_resolution)
+        self.num_classes, self.n_bins, self.ignore_index, self.input = num_classes, n_bins, ignore_index, input
+        self.exclude_classes, self.boundary_width = self._cfg.exclude_classes, boundary_width
+        self.ace_resolution = ace_resolution
+        for name, shape in _state_shapes(self._cfg).items():
+            self.add_state(name, default=torch.zeros(shape, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def _states(self) -> dict[str, Tensor]:
+        return {k: getattr(self, k) for k in _state_shapes(self._cfg)}
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Add one batch of (N, C, H, W) scores and (N, H, W) labels to the states."""
+        preds, target = _format_calibration(preds, target, self._cfg)
+        for k, v in _update_calibration(preds, target, self._cfg).items():
+            setattr(self, k, getattr(self, k) + v.to(getattr(self, k).device))
+
+    def compute(self) -> dict[str, Tensor]:
+        """States -> dict of metric values (see the class docstring)."""
+        return _compute_calibration(self._states(), self._cfg)
+
+    def reliability(self, region: str | None = None) -> dict[str, Tensor]:
+        """Reliability-diagram data: ``edges`` (n_bins+1,), per-bin ``count``, mean ``confidence``, ``accuracy``.
+
+        Args:
+            region: ``None`` for all valid pixels, or ``"boundary"`` / ``"interior"`` (needs ``boundary_width``).
+        """
+        if region is None:
+            return _reliability(self._states(), self._cfg)
+        if self._cfg.boundary_width is None or region not in ("boundary", "interior"):
+            raise ValueError(f"`region` must be None, or 'boundary'/'interior' with boundary_width set, got {region!r}")
+        return _reliability(self._states(), self._cfg, 1 if region == "boundary" else 0)
