@@ -120,3 +120,17 @@ def test_reproduces_published_accuracy_on_val_subset(espnet_camvid, segcal_data)
     acc = correct / total
     assert 0.90 < acc < 0.97, acc
     assert nll / total < 0.5
+
+
+def test_subnormal_weights_are_flushed_without_changing_outputs(segcal_data, espnet_cityscapes):
+    state = torch.load(pretrained_path("espnet-cityscapes"), map_location="cpu", weights_only=True)
+    raw = ESPNet(20, skip="level1").eval()
+    raw.load_state_dict(state, strict=True)
+    tiny = torch.finfo(torch.float32).tiny
+    assert any(((v != 0) & (v.abs() < tiny)).any() for v in state.values() if v.is_floating_point())
+    for v in espnet_cityscapes.net.state_dict().values():
+        if v.is_floating_point():
+            assert not ((v != 0) & (v.abs() < tiny)).any()
+    x = espnet_cityscapes.preprocess(np.random.default_rng(6).integers(0, 256, size=(32, 48, 3), dtype=np.uint8))
+    with torch.no_grad():
+        torch.testing.assert_close(espnet_cityscapes.net(x), raw(x), atol=1e-5, rtol=1e-5)

@@ -66,14 +66,9 @@ class MergeClasses(nn.Module):
         kept = sorted(flat)
         pos = {k: j for j, k in enumerate(kept)}
         self.register_buffer("_kept", torch.tensor(kept, dtype=torch.long), persistent=False)
-        # (G, K) membership matrix; logsumexp over a group is done as log(exp(lp) @ M^T) in a stable form below.
-        member = torch.full((len(self.groups), len(kept)), float("-inf"))
-        for gi, g in enumerate(self.groups):
-            for k in g:
-                member[gi, pos[k]] = 0.0
-        self.register_buffer("_member", member, persistent=False)
+        self._pos = [torch.tensor([pos[k] for k in g], dtype=torch.long) for g in self.groups]
 
     def forward(self, x: Tensor) -> Tensor:
-        lp = torch.log_softmax(x.index_select(1, self._kept).float(), dim=1)  # (N, K, H, W)
-        # (N, 1, K, H, W) + (1, G, K, 1, 1) -> logsumexp over K
-        return torch.logsumexp(lp.unsqueeze(1) + self._member[None, :, :, None, None], dim=2)
+        lp = torch.log_softmax(x.index_select(1, self._kept.to(x.device)).float(), dim=1)
+        # A logsumexp per group stays finite where summing float32 probabilities would underflow to log(0).
+        return torch.cat([torch.logsumexp(lp.index_select(1, i.to(x.device)), 1, keepdim=True) for i in self._pos], 1)

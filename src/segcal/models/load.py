@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import FORMAT, load_checkpoint, model_from_checkpoint
-from .pretrained import PRETRAINED, build_espnet, load_pretrained
+from .pretrained import PRETRAINED, build_espnet, flush_subnormals, load_pretrained
 from .segmenter import Segmenter
 
 __all__ = ["available_models", "load"]
@@ -33,7 +33,7 @@ def _espnet_from_state_dict(state: dict, path: Path) -> Segmenter:
     else:
         raise ValueError(f"{path}: ESPNet state_dict with {c} classes and a {c_in - c}-channel skip is not a "
                          "supported wiring (12+19 CamVid, 20+16 Cityscapes, or C+19)")
-    seg.net.load_state_dict(state, strict=True)
+    seg.net.load_state_dict(flush_subnormals(state), strict=True)
     return seg
 
 

@@ -147,11 +147,23 @@ def build_espnet(dataset: str = "camvid", num_classes: int | None = None,
                      arch="espnet", arch_config=cfg)
 
 
+def flush_subnormals(state: dict) -> dict:
+    """Set subnormal float entries (|v| < finfo.tiny) to zero, in place; returns ``state``.
+
+    The published Cityscapes file holds 1,861 subnormal weights (|w| < 1e-30). They change no output, but x86 CPUs
+    process subnormals in microcode: inference was ~20x slower (6 s instead of 0.3 s per 480x360 image).
+    """
+    for v in state.values():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            v[(v != 0) & (v.abs() < torch.finfo(v.dtype).tiny)] = 0
+    return state
+
+
 def load_pretrained(name: str, device: str | torch.device = "cpu") -> Segmenter:
     """Build the named published ESPNet and load its weights strictly (``weights_only=True``)."""
     path = pretrained_path(name)
     kwargs = PRETRAINED[name][1]
     seg = build_espnet(name=name, **kwargs)
     state = torch.load(path, map_location="cpu", weights_only=True)
-    seg.net.load_state_dict(state, strict=True)
+    seg.net.load_state_dict(flush_subnormals(state), strict=True)
     return seg.eval().to(device)
