@@ -14,7 +14,11 @@ from typing import Any
 from segcal.calibrators._base import Calibrator, NotFittedError, clone
 from segcal.calibrators.dirichlet import DirichletScaling
 from segcal.calibrators.ensemble_temperature import EnsembleTemperatureScaling
+from segcal.calibrators.histogram import HistogramBinning
+from segcal.calibrators.isotonic import IsotonicCalibration
+from segcal.calibrators.local_temperature import LocalTemperatureScaling
 from segcal.calibrators.matrix import MatrixScaling
+from segcal.calibrators.selective import MispredictionDetector, SelectiveScaling
 from segcal.calibrators.temperature import TemperatureScaling
 from segcal.calibrators.vector import VectorScaling
 
@@ -25,6 +29,10 @@ CALIBRATORS: dict[str, type[Calibrator]] = {
     "ms": MatrixScaling,
     "dirichlet": DirichletScaling,
     "ets": EnsembleTemperatureScaling,
+    "lts": LocalTemperatureScaling,
+    "selective": SelectiveScaling,
+    "histogram": HistogramBinning,
+    "isotonic": IsotonicCalibration,
 }
 
 
@@ -48,8 +56,13 @@ __all__ = [
     "Calibrator",
     "DirichletScaling",
     "EnsembleTemperatureScaling",
+    "HistogramBinning",
+    "IsotonicCalibration",
+    "LocalTemperatureScaling",
     "MatrixScaling",
+    "MispredictionDetector",
     "NotFittedError",
+    "SelectiveScaling",
     "TemperatureScaling",
     "VectorScaling",
     "clone",
