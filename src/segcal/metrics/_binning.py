@@ -14,21 +14,24 @@ import torch
 from torch import Tensor
 
 FIXED_SCALE = 2.0**24
-"""Fixed-point units per 1.0 for sum states (capacity ~5e11 pixels of confidence per bin)."""
+"""Fixed-point units per 1.0 for pixel sum states (capacity ~5e11 pixels of confidence per bin)."""
+
+IMAGE_SCALE = 2.0**40
+"""Fixed-point units for sums of per-image values in [0, 1] (capacity ~8e6 images, resolution 1e-12)."""
 
 # The adaptive-ECE fine histogram lives on t = -log2(1 - c) in [0, ACE_T_MAX]: float32 cannot represent a
 # confidence in (1 - 2**-24, 1), so 24 octaves cover every float32 confidence below 1, and c == 1 gets its own bin.
 ACE_T_MAX = 24.0
 
 
-def to_fixed(x: Tensor) -> Tensor:
+def to_fixed(x: Tensor, scale: float = FIXED_SCALE) -> Tensor:
     """Round a float tensor to the int64 fixed-point grid."""
-    return torch.round(x.to(torch.float64) * FIXED_SCALE).to(torch.int64)
+    return torch.round(x.to(torch.float64) * scale).to(torch.int64)
 
 
-def from_fixed(x: Tensor) -> Tensor:
+def from_fixed(x: Tensor, scale: float = FIXED_SCALE) -> Tensor:
     """Fixed-point int64 state -> float64."""
-    return x.to(torch.float64) / FIXED_SCALE
+    return x.to(torch.float64) / scale
 
 
 def slot_index(c: Tensor, n_bins: int) -> Tensor:

@@ -17,6 +17,7 @@ from torchmetrics import Metric
 
 from segcal._checks import check_dense_scores, check_logits_target, check_target
 from segcal.metrics._binning import (
+    IMAGE_SCALE,
     ace_fine_edges,
     ace_fine_index,
     check_n_bins,
@@ -176,7 +177,7 @@ def _update_chunk(preds: Tensor, target: Tensor, cfg: _CalibrationConfig, out: d
     img_n = cnt.sum((1, 2))
     img_gap = (cor.sum(1).double() - cfs.sum(1)).abs().sum(1)
     has = img_n > 0
-    out["image_ece_sum"] += to_fixed((img_gap[has] / img_n[has]).sum())
+    out["image_ece_sum"] += to_fixed((img_gap[has] / img_n[has]).sum(), IMAGE_SCALE)
     out["image_count"] += has.sum()
 
     fidx = torch.where(valid, ace_fine_index(conf, res), res)
@@ -299,7 +300,7 @@ def _compute_calibration(states: dict[str, Tensor], cfg: _CalibrationConfig) -> 
     out["miou"] = iou[ok].mean() if ok.any() else nan()
     out["iou"] = iou
     n_img = states["image_count"].to(torch.float64)
-    out["image_ece"] = from_fixed(states["image_ece_sum"]) / n_img if n_img > 0 else nan()
+    out["image_ece"] = from_fixed(states["image_ece_sum"], IMAGE_SCALE) / n_img if n_img > 0 else nan()
     out["n_pixels"] = total
     if cfg.boundary_width is not None:
         out["interior_ece"] = _ece_terms(count[0], correct[0], conf[0])["ece"]

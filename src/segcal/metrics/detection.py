@@ -14,7 +14,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from segcal._checks import check_finite, check_tensor
-from segcal.metrics._binning import from_fixed, to_fixed
+from segcal.metrics._binning import IMAGE_SCALE, from_fixed, to_fixed
 
 _OCTAVES = 64
 _MIN_EXP = -40  # |s| < 2**-40 shares the zero bin; |s| >= 2**24 shares the last bin of its sign.
@@ -138,7 +138,7 @@ def _update_detection(scores: Tensor, positive: Tensor, valid: Tensor, n_thresho
             if not math.isnan(float(r["auroc"])):
                 sums += torch.stack([r["auroc"], r["ap"], r["fpr95"]])
                 count += 1
-        out["img_sums"] = to_fixed(sums)
+        out["img_sums"] = to_fixed(sums, IMAGE_SCALE)
         out["img_count"] = count
     return out
 
@@ -241,7 +241,8 @@ class DetectionMetrics(Metric):
         out["n_negative"] = neg.sum().to(torch.float64)
         if self.per_image:
             n = self.img_count.to(torch.float64)
-            vals = from_fixed(self.img_sums) / n if n > 0 else torch.full((3,), math.nan, dtype=torch.float64)
+            vals = (from_fixed(self.img_sums, IMAGE_SCALE) / n if n > 0
+                    else torch.full((3,), math.nan, dtype=torch.float64))
             out.update(auroc_per_image=vals[0], ap_per_image=vals[1], fpr95_per_image=vals[2], n_images=n)
         return out
 
