@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -100,22 +101,88 @@ def soft_labels(safe_target: Tensor, valid: Tensor, num_classes: int, kernel: Te
     Ignore neighbours get no weight and the remaining weights are renormalised; a pixel whose window holds no valid
     pixel gets all zeros.
     """
+    if padding not in ("replicate", "zeros"):
+        raise ValueError(f"`padding` must be 'replicate' or 'zeros', got {padding!r}")
     b, h, w = safe_target.shape
     k = kernel.shape[-1]
-    # channel C carries the valid indicator so one depthwise conv gives numerator and denominator together
-    idx = torch.where(valid, safe_target, torch.full_like(safe_target, num_classes))
-    x = torch.zeros(b, num_classes + 1, h, w, dtype=kernel.dtype, device=safe_target.device)
-    x.scatter_(1, idx.unsqueeze(1), 1.0)
-    x[:, num_classes] = valid.to(kernel.dtype)
-    pad = k // 2
-    weight = kernel.reshape(1, 1, k, k).expand(num_classes + 1, 1, k, k)
+    r = k // 2
+    dump = num_classes  # ignore and out-of-image neighbours deposit their weight here, then it is dropped
+    idx = torch.where(valid, safe_target, torch.full_like(safe_target, dump))
     if padding == "replicate":
-        if pad:
-            x = F.pad(x, (pad, pad, pad, pad), mode="replicate")
-        y = F.conv2d(x, weight, groups=num_classes + 1)
-    elif padding == "zeros":
-        y = F.conv2d(x, weight, padding=pad, groups=num_classes + 1)
+        rows = torch.arange(-r, h + r, device=idx.device).clamp(0, h - 1)
+        cols = torch.arange(-r, w + r, device=idx.device).clamp(0, w - 1)
+        padded = idx[:, rows][:, :, cols]
     else:
-        raise ValueError(f"`padding` must be 'replicate' or 'zeros', got {padding!r}")
-    num, den = y[:, :num_classes], y[:, num_classes:]
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
+        padded = F.pad(idx, (r, r, r, r), value=dump)
+    # one scatter of B·H·W weights per kernel tap touches 1/C of what a depthwise conv over C one-hot planes reads
+    acc = torch.zeros(b, num_classes + 1, h, w, dtype=kernel.dtype, device=idx.device)
+    weights = kernel.tolist()
+    for di in range(k):
+        for dj in range(k):
+            neighbour = padded[:, di:di + h, dj:dj + w].unsqueeze(1)
+            acc.scatter_add_(1, neighbour, torch.full((), weights[di][dj], dtype=acc.dtype,
+                                                      device=acc.device).expand(b, 1, h, w))
+    den = float(kernel.sum()) - acc[:, num_classes:]
+    return acc[:, :num_classes].div_(den.clamp_min_(torch.finfo(den.dtype).tiny))
+
+
+# Fused penalties: autograd of the composite expressions keeps several (B, C, H, W) temporaries alive; these
+# Functions keep one, which is what brings NACL / SVLS / MbLS near plain CE at 480×360 (benchmarks/losses_speed.py).
+
+class SoftTargetCrossEntropy(torch.autograd.Function):
+    """Per-pixel ``−Σ_k t_k log softmax(z)_k = logsumexp(z) − Σ_k t_k z_k`` for targets ``t`` summing to 1."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, soft: Tensor) -> Tensor:
+        lse = torch.logsumexp(logits, dim=1)
+        ctx.save_for_backward(logits, soft, lse)
+        return lse - torch.linalg.vecdot(soft, logits, dim=1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        logits, soft, lse = ctx.saved_tensors
+        out = torch.exp(logits - lse.unsqueeze(1))
+        return out.sub_(soft).mul_(grad.unsqueeze(1)), None
+
+
+class NeighbourPenalty(torch.autograd.Function):
+    """Per-pixel ``mean_k |x_k − τ_k|`` (``l2=False``) or ``mean_k (x_k − τ_k)²``; no gradient to ``τ``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, tau: Tensor, l2: bool) -> Tensor:
+        diff = x - tau
+        ctx.save_for_backward(diff)
+        ctx.l2 = l2
+        c = x.shape[1]
+        if l2:
+            return torch.linalg.vector_norm(diff, ord=2, dim=1).square_().div_(c)
+        return torch.linalg.vector_norm(diff, ord=1, dim=1).div_(c)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (diff,) = ctx.saved_tensors
+        scale = grad.unsqueeze(1) / diff.shape[1]
+        if ctx.l2:
+            return diff * (2 * scale), None, None
+        return diff.sign().mul_(scale), None, None
+
+
+class MarginPenalty(torch.autograd.Function):
+    """Per-pixel ``mean_k max(0, max_j z_j − z_k − m)``."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, margin: float) -> Tensor:
+        top, arg = logits.max(dim=1, keepdim=True)
+        hinge = (top - margin) - logits
+        hinge.clamp_(min=0)
+        ctx.save_for_backward(hinge > 0, arg)
+        ctx.dtype = logits.dtype
+        return hinge.sum(dim=1).div_(logits.shape[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        active, arg = ctx.saved_tensors
+        scale = grad.unsqueeze(1) / active.shape[1]
+        out = active.to(ctx.dtype).mul_(-scale)
+        # every active class pulls the arg-max logit up by the same amount it pushes its own down
+        return out.scatter_add_(1, arg, active.sum(dim=1, keepdim=True).to(ctx.dtype) * scale), None

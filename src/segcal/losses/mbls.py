@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segcal.losses._common import check_nonnegative, check_reduction, nll_map, prepare, reduce_loss
+from segcal.losses._common import MarginPenalty, check_nonnegative, check_reduction, nll_map, prepare, reduce_loss
 
 
 def mbls(logits: Tensor, target: Tensor, margin: float = 10.0, alpha: float = 0.1, ignore_index: int | None = 255,
@@ -48,8 +47,7 @@ def mbls(logits: Tensor, target: Tensor, margin: float = 10.0, alpha: float = 0.
     nll = nll_map(logits, target, ignore_index)
     if alpha == 0:
         return reduce_loss(nll, valid, reduction)
-    distance = logits.amax(dim=1, keepdim=True) - logits
-    penalty = F.relu(distance - margin).mean(dim=1)
+    penalty = MarginPenalty.apply(logits, margin)
     return reduce_loss(nll + alpha * penalty, valid, reduction)
 
 

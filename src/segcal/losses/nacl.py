@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segcal.losses._common import (
+    NeighbourPenalty,
     check_kernel_size,
     check_nonnegative,
     check_reduction,
@@ -90,8 +91,7 @@ def nacl(logits: Tensor, target: Tensor, alpha: float = 0.1, kernel_size: int = 
         weights = svls_kernel(kernel_size, sigma, dtype=logits.dtype, device=logits.device)
     tau = soft_labels(safe, valid, logits.shape[1], weights, padding="zeros")
     x = F.softmax(logits, dim=1) if on == "probs" else logits
-    diff = x - tau
-    penalty = (diff.abs() if distance == "l1" else diff.square()).mean(dim=1)
+    penalty = NeighbourPenalty.apply(x, tau, distance == "l2")
     return reduce_loss(nll + alpha * penalty, valid, reduction)
 
 

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import math
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segcal.losses._common import check_kernel_size, check_reduction, prepare, reduce_loss, soft_labels, svls_kernel
+from segcal.losses._common import (
+    SoftTargetCrossEntropy,
+    check_kernel_size,
+    check_reduction,
+    prepare,
+    reduce_loss,
+    soft_labels,
+    svls_kernel,
+)
 
 
 def svls(logits: Tensor, target: Tensor, sigma: float = 1.0, kernel_size: int = 3, ignore_index: int | None = 255,
@@ -50,7 +57,7 @@ def svls(logits: Tensor, target: Tensor, sigma: float = 1.0, kernel_size: int = 
     logits, _, valid, safe = prepare(logits, target, ignore_index, reduction)
     kernel = svls_kernel(kernel_size, sigma, dtype=logits.dtype, device=logits.device)
     smooth = soft_labels(safe, valid, logits.shape[1], kernel, padding="replicate")
-    per_pixel = -(smooth * F.log_softmax(logits, dim=1)).sum(dim=1)
+    per_pixel = SoftTargetCrossEntropy.apply(logits, smooth)
     return reduce_loss(per_pixel, valid, reduction)
 
 
