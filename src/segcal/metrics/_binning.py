@@ -34,6 +34,23 @@ def from_fixed(x: Tensor, scale: float = FIXED_SCALE) -> Tensor:
     return x.to(torch.float64) / scale
 
 
+def to_fixed2(x: Tensor) -> Tensor:
+    """Two-word fixed point, shape ``x.shape + (2,)``: ``x ~ (hi + lo / 2**24) / 2**24``.
+
+    The high word keeps the capacity of ``FIXED_SCALE``; the low word carries the next 24 bits, so a batch's
+    contribution is rounded to 2**-48 instead of 2**-24.
+    """
+    v = x.to(torch.float64) * FIXED_SCALE
+    hi = torch.floor(v)
+    lo = torch.round((v - hi) * FIXED_SCALE)
+    return torch.stack([hi, lo], -1).to(torch.int64)
+
+
+def from_fixed2(x: Tensor) -> Tensor:
+    """Two-word fixed-point state (``..., 2``) -> float64."""
+    return (x[..., 0].to(torch.float64) + x[..., 1].to(torch.float64) / FIXED_SCALE) / FIXED_SCALE
+
+
 def slot_index(c: Tensor, n_bins: int) -> Tensor:
     """Equal-width slot ``ceil(c * n)`` in ``[0, n]``: slot s >= 1 is bin ``s - 1`` = ``((s-1)/n, s/n]``.
 

@@ -22,10 +22,12 @@ from segcal.metrics._binning import (
     ace_fine_index,
     check_n_bins,
     from_fixed,
+    from_fixed2,
     merge_slots,
     nan,
     slot_index,
     to_fixed,
+    to_fixed2,
 )
 from segcal.metrics.boundary import boundary_mask
 
@@ -78,11 +80,11 @@ def _state_shapes(cfg: _CalibrationConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every (int64, sum-reduced) state."""
     c, n, r = cfg.num_classes, cfg.n_bins, cfg.n_regions
     return {
-        "bin_count": (r, n), "bin_correct": (r, n), "bin_conf": (r, n),
+        "bin_count": (r, n), "bin_correct": (r, n), "bin_conf": (r, n, 2),
         "fine_count": (cfg.ace_resolution,), "fine_correct": (cfg.ace_resolution,),
-        "fine_conf": (cfg.ace_resolution,),
-        "cw_pos": (c, n), "cw_conf": (c, n),
-        "nll_sum": (), "brier_sum": (),
+        "fine_conf": (cfg.ace_resolution, 2),
+        "cw_pos": (c, n), "cw_conf": (c, n, 2),
+        "nll_sum": (2,), "brier_sum": (2,),
         "confmat": (c, c),
         "image_ece_sum": (), "image_count": (),
     }
@@ -173,7 +175,7 @@ def _update_chunk(preds: Tensor, target: Tensor, cfg: _CalibrationConfig, out: d
     cfs = merge_slots(hc.view(n_img, r_num, n + 1))
     out["bin_count"] += cnt.sum(0)
     out["bin_correct"] += cor.sum(0)
-    out["bin_conf"] += to_fixed(cfs.sum(0))
+    out["bin_conf"] += to_fixed2(cfs.sum(0))
     img_n = cnt.sum((1, 2))
     img_gap = (cor.sum(1).double() - cfs.sum(1)).abs().sum(1)
     has = img_n > 0
@@ -185,7 +187,7 @@ def _update_chunk(preds: Tensor, target: Tensor, cfg: _CalibrationConfig, out: d
     fc = torch.bincount(fidx.flatten(), weights=conf.to(torch.float64).flatten(), minlength=res + 1)[:res]
     out["fine_count"] += f2.sum(-1)
     out["fine_correct"] += f2[:, 1]
-    out["fine_conf"] += to_fixed(fc)
+    out["fine_conf"] += to_fixed2(fc)
 
     if cfg.classwise:
         pidx = torch.where(valid, y * (n + 1) + slot_index(p_y, n), c_num * (n + 1))
@@ -196,12 +198,12 @@ def _update_chunk(preds: Tensor, target: Tensor, cfg: _CalibrationConfig, out: d
         pn = p * torch.where(valid, float(n), 0.0).to(wd).unsqueeze(1)
         acc = torch.zeros(n_img, c_num, p.shape[2], n + 1, dtype=wd, device=p.device)
         acc.scatter_add_(3, torch.ceil(pn).to(torch.int64), pn)
-        out["cw_conf"] += to_fixed(merge_slots(acc.sum((0, 2), dtype=torch.float64)) / n)
+        out["cw_conf"] += to_fixed2(merge_slots(acc.sum((0, 2), dtype=torch.float64)) / n)
 
     sumsq = torch.linalg.vecdot(p, p, dim=1)
     brier = (sumsq - 2.0 * p_y + 1.0).to(torch.float64) * vf
-    out["brier_sum"] += to_fixed(brier.sum())
-    out["nll_sum"] += to_fixed((-logp_y.to(torch.float64) * vf).sum())
+    out["brier_sum"] += to_fixed2(brier.sum())
+    out["nll_sum"] += to_fixed2((-logp_y.to(torch.float64) * vf).sum())
     cidx = torch.where(valid, y * c_num + pred, c_num * c_num)
     out["confmat"] += torch.bincount(cidx.flatten(), minlength=c_num * c_num + 1)[:-1].view(c_num, c_num)
 
@@ -276,25 +278,25 @@ def _compute_calibration(states: dict[str, Tensor], cfg: _CalibrationConfig) -> 
     """Fixed-size states -> metric values (float64 scalars; per-class tensors of shape (C,))."""
     count = states["bin_count"].to(torch.float64)
     correct = states["bin_correct"].to(torch.float64)
-    conf = from_fixed(states["bin_conf"])
+    conf = from_fixed2(states["bin_conf"])
     out = _ece_terms(count.sum(0), correct.sum(0), conf.sum(0))
     total = count.sum()
     ace, bound = _adaptive_ece(states["fine_count"].to(torch.float64), states["fine_correct"].to(torch.float64),
-                               from_fixed(states["fine_conf"]), cfg.n_bins, ace_fine_edges(cfg.ace_resolution))
+                               from_fixed2(states["fine_conf"]), cfg.n_bins, ace_fine_edges(cfg.ace_resolution))
     out["ace"] = ace
     out["ace_error_bound"] = bound
     keep = torch.ones(cfg.num_classes, dtype=torch.bool)
     keep[list(cfg.exclude_classes)] = False
     if cfg.classwise:
         if total > 0:
-            per_class = (states["cw_pos"].to(torch.float64) - from_fixed(states["cw_conf"])).abs().sum(1) / total
+            per_class = (states["cw_pos"].to(torch.float64) - from_fixed2(states["cw_conf"])).abs().sum(1) / total
         else:
             per_class = torch.full((cfg.num_classes,), math.nan, dtype=torch.float64)
         out["cw_ece"] = per_class[keep].mean()
         out["cw_ece_per_class"] = per_class
     safe = total if total > 0 else torch.tensor(math.nan, dtype=torch.float64)
-    out["nll"] = from_fixed(states["nll_sum"]) / safe
-    out["brier"] = from_fixed(states["brier_sum"]) / safe
+    out["nll"] = from_fixed2(states["nll_sum"]) / safe
+    out["brier"] = from_fixed2(states["brier_sum"]) / safe
     iou = _iou(states["confmat"])
     ok = keep & ~torch.isnan(iou)
     out["miou"] = iou[ok].mean() if ok.any() else nan()
@@ -312,7 +314,7 @@ def _compute_calibration(states: dict[str, Tensor], cfg: _CalibrationConfig) -> 
 def _reliability(states: dict[str, Tensor], cfg: _CalibrationConfig, region: int | None = None) -> dict[str, Tensor]:
     count = states["bin_count"].to(torch.float64)
     correct = states["bin_correct"].to(torch.float64)
-    conf = from_fixed(states["bin_conf"])
+    conf = from_fixed2(states["bin_conf"])
     if region is None:
         count, correct, conf = count.sum(0), correct.sum(0), conf.sum(0)
     else:
