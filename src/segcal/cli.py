@@ -197,11 +197,72 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ benchmark / demo
+def _add_benchmark(p: argparse.ArgumentParser) -> None:
+    from segcal.engine.benchmark import ALL_CALIBRATORS, ALL_CORRUPTIONS, ALL_DETECTORS
+
+    p.add_argument("--model", default="espnet-camvid")
+    p.add_argument("--shift-model", default="espnet-cityscapes", help="second model evaluated on CamVid ('' = none)")
+    p.add_argument("--calibrators", nargs="*", default=list(ALL_CALIBRATORS))
+    p.add_argument("--detectors", nargs="*", default=list(ALL_DETECTORS))
+    p.add_argument("--corruptions", nargs="*", default=list(ALL_CORRUPTIONS))
+    p.add_argument("--severities", nargs="*", type=int, default=[1, 2, 3, 4, 5])
+    p.add_argument("--n-images", type=int, default=None, help="evenly spaced frames per split (default: all)")
+    p.add_argument("--n-shift-images", type=int, default=40, help="test frames for the corruption/anomaly protocols")
+    p.add_argument("--checkpoints", help="folder of `segcal train` runs to evaluate too")
+    p.add_argument("--cache", default="cache", help="logits cache (reused across runs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+
+
+def _run_benchmark(args: argparse.Namespace) -> int:
+    from segcal.engine.benchmark import BenchmarkConfig, run_benchmark
+
+    cfg = BenchmarkConfig(out=Path(args.out), model=args.model, shift_model=args.shift_model or None,
+                          cache=Path(args.cache), calibrators=args.calibrators, detectors=args.detectors,
+                          corruptions=args.corruptions, severities=args.severities, n_images=args.n_images,
+                          n_shift_images=args.n_shift_images, seed=args.seed,
+                          checkpoints=Path(args.checkpoints) if args.checkpoints else None)
+    run_benchmark(cfg)
+    print(f"results: {Path(args.out) / 'results.md'}\nreport:  {Path(args.out) / 'index.html'}")
+    return 0
+
+
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="demo-out")
+    p.add_argument("--n-images", type=int, default=24, help="evenly spaced frames per split")
+    p.add_argument("--synthetic", action="store_true", help="force the synthetic fallback")
+    p.add_argument("--cache", default="cache")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import time
+
+    from segcal.engine.benchmark import demo_config, real_data_available, run_benchmark
+
+    synthetic = args.synthetic or not real_data_available()
+    if synthetic and not args.synthetic:
+        print("segcal demo: no CamVid / ESPNet weights under $SEGCAL_DATA "
+              f"({os.environ.get('SEGCAL_DATA', '../shared/data')}); running on SYNTHETIC data instead — "
+              "the numbers describe a toy task, not a real model.", file=sys.stderr)
+    cfg = demo_config(Path(args.out), n_images=args.n_images, synthetic=synthetic)
+    cfg.cache = Path(args.cache)
+    start = time.perf_counter()
+    results = run_benchmark(cfg)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"demo finished in {time.perf_counter() - start:.0f} s on {results['meta']['dataset']}")
+    print(f"report:  {Path(args.out).resolve() / 'index.html'}")
+    print(f"results: {Path(args.out).resolve() / 'results.json'}")
+    return 0
+
+
 _ADD_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "train": _add_train, "predict": _add_predict, "fit": _add_fit, "evaluate": _add_evaluate, "report": _add_report,
+    "benchmark": _add_benchmark, "demo": _add_demo,
 }
 _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": _run_train, "predict": _run_predict, "fit": _run_fit, "evaluate": _run_evaluate, "report": _run_report,
+    "benchmark": _run_benchmark, "demo": _run_demo,
 }
 
 

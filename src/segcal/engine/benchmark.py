@@ -43,6 +43,7 @@ class BenchmarkConfig:
 
     out: Path
     model: str = "espnet-camvid"
+    dataset: str = "camvid"
     shift_model: str | None = "espnet-cityscapes"
     cache: Path = Path("cache")
     calibrators: Sequence[str] = ALL_CALIBRATORS
@@ -82,12 +83,61 @@ class Subset:
 
 
 # ------------------------------------------------------------------------------------------------------ logits
+SYNTHETIC_SPLITS = {"train": (0, 48), "val": (48, 72), "test": (72, 96)}
+
+
+class _Range:
+    """Images ``start..stop`` of a dataset (the synthetic splits share one colour palette)."""
+
+    def __init__(self, dataset: Any, start: int, stop: int, split: str) -> None:
+        self.dataset, self.start, self.split = dataset, start, split
+        self.names = [dataset[i]["name"] for i in range(start, stop)]
+        self.class_names, self.num_classes, self.ignore_index = None, dataset.num_classes, 255
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.dataset[self.start + i]
+
+
+def make_dataset(cfg: BenchmarkConfig, split: str) -> Any:
+    """A split of the benchmark's dataset: CamVid, or the clearly labelled synthetic fallback."""
+    if cfg.dataset == "camvid":
+        from segcal.data import CamVid
+
+        return CamVid(split=split)
+    if cfg.dataset == "synthetic":
+        from segcal.data import SyntheticSegmentation
+
+        full = SyntheticSegmentation(SYNTHETIC_SPLITS["test"][1], size=(96, 128), num_classes=11, seed=0,
+                                     void_fraction=0.05)
+        start, stop = SYNTHETIC_SPLITS[split]
+        return _Range(full, start, stop, split)
+    raise ValueError(f"unknown benchmark dataset {cfg.dataset!r}; choose camvid or synthetic")
+
+
+def load_model(cfg: BenchmarkConfig, name: str) -> Any:
+    """A model by name; ``"synthetic-espnet"`` is an ESPNet trained from scratch on the synthetic train split."""
+    from segcal import models
+
+    if name != "synthetic-espnet":
+        return models.load(name)
+    run = Path(cfg.cache) / "models" / "synthetic-espnet"
+    if not (run / "last.pt").is_file():
+        from segcal.engine.training import Trainer
+
+        torch.manual_seed(cfg.seed)
+        net = models.build_espnet("camvid", num_classes=11, name="synthetic-espnet")
+        Trainer(net, None, make_dataset(cfg, "train"), None, out_dir=run, epochs=6, batch_size=8, lr=3e-3,
+                seed=cfg.seed, progress=cfg.progress).fit(resume=True)
+    return models.load(run / "last.pt")
+
+
 def cached_store(model: Any, model_name: str, split: str, cfg: BenchmarkConfig, features: bool = True
                  ) -> tuple[LogitsStore, Any]:
-    """Predict (or reuse) the logits store of ``model`` on a CamVid split, restricted to ``cfg.n_images``."""
-    from segcal.data import CamVid
-
-    dataset = Subset(CamVid(split=split), cfg.n_images)
+    """Predict (or reuse) the logits store of ``model`` on a split, restricted to ``cfg.n_images``."""
+    dataset = Subset(make_dataset(cfg, split), cfg.n_images)
     tag = split if cfg.n_images is None else f"{split}-n{cfg.n_images}"
     path = Path(cfg.cache) / "logits" / model_name / tag
     store = predict(model, dataset, path, batch_size=cfg.batch_size, features=features, progress=cfg.progress)
@@ -171,6 +221,25 @@ def evaluate_calibrators(store: LogitsStore, dataset: Any, calibrators: dict[str
     return results
 
 
+def evaluate_checkpoints(cfg: BenchmarkConfig) -> dict[str, dict[str, Any]]:
+    """Every ``<checkpoints>/<run>/last.pt`` (from ``segcal train``): test metrics as trained and after TS on val."""
+    from segcal import models
+
+    rows: dict[str, dict[str, Any]] = {}
+    runs = sorted(p.parent for p in Path(cfg.checkpoints).glob("*/last.pt"))
+    if not runs:
+        raise FileNotFoundError(f"no <run>/last.pt checkpoints under {cfg.checkpoints}")
+    for run in runs:
+        model = models.load(run / "last.pt")
+        val_store, val_set = cached_store(model, f"ckpt-{run.name}", "val", cfg, features=False)
+        test_store, test_set = cached_store(model, f"ckpt-{run.name}", "test", cfg, features=False)
+        cals, _ = fit_calibrators(["ts"], val_store, val_set, cfg)
+        res = evaluate_calibrators(test_store, test_set, cals, cfg)
+        rows[run.name] = res["uncalibrated"]
+        rows[f"{run.name} + TS"] = res["ts"]
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------- detection
 def fit_detectors(names: Sequence[str], fit_store: LogitsStore, sml_store: LogitsStore, cfg: BenchmarkConfig,
                   selective: Any = None) -> tuple[dict[str, Any], dict[str, float]]:
@@ -204,16 +273,16 @@ def _new_detection_metrics(per_image: bool) -> DetectionMetrics:
 def detection_summary(metric: DetectionMetrics) -> dict[str, Any]:
     out = {k: to_jsonable(v) for k, v in metric.compute().items()}
     curves = metric.curves()
-    out["roc"] = [_thin(to_jsonable(curves["roc"][0])), _thin(to_jsonable(curves["roc"][1]))]
-    out["pr"] = [_thin(to_jsonable(curves["pr"][0])), _thin(to_jsonable(curves["pr"][1]))]
+    roc_idx = _thin_index(len(curves["fpr"]))
+    pr_idx = _thin_index(len(curves["recall"]))
+    out["roc"] = [to_jsonable(curves["fpr"][roc_idx]), to_jsonable(curves["tpr"][roc_idx])]
+    out["pr"] = [to_jsonable(curves["recall"][pr_idx]), to_jsonable(curves["precision"][pr_idx])]
     return out
 
 
-def _thin(values: list[float], keep: int = 200) -> list[float]:
-    if len(values) <= keep:
-        return values
-    idx = np.linspace(0, len(values) - 1, keep).round().astype(int)
-    return [values[i] for i in idx]
+def _thin_index(n: int, keep: int = 200) -> Tensor:
+    """Indices of at most ``keep`` evenly spaced curve points (first and last kept) for plotting."""
+    return torch.linspace(0, max(n - 1, 0), min(n, keep)).round().long()
 
 
 def evaluate_idm(store: LogitsStore, detectors: dict[str, Any], cfg: BenchmarkConfig,
@@ -387,13 +456,12 @@ def _md_num(v: Any) -> str:
 
 def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
     """Run the whole protocol and write ``results.json``, ``results.md``, ``timings.json`` and ``index.html``."""
-    from segcal import models
     from segcal.report import render_report
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    model = models.load(cfg.model)
+    model = load_model(cfg, cfg.model)
     timings: dict[str, Any] = {}
     val_store, val_set = cached_store(model, cfg.model, "val", cfg)
     test_store, test_set = cached_store(model, cfg.model, "test", cfg)
@@ -408,7 +476,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
         _ = t  # fit times go to timings.json: wall-clock is not deterministic
 
     if cfg.shift_model:
-        shift_model = models.load(cfg.shift_model)
+        shift_model = load_model(cfg, cfg.shift_model)
         s_val, s_val_set = cached_store(shift_model, cfg.shift_model, "val", cfg, features=False)
         s_test, s_test_set = cached_store(shift_model, cfg.shift_model, "test", cfg, features=False)
         quick = [c for c in cfg.calibrators if c != "lts"]
@@ -416,10 +484,14 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
         calibration[f"shift: {cfg.shift_model} → CamVid test"] = evaluate_calibrators(s_test, s_test_set, s_cals,
                                                                                        cfg)
 
+    if cfg.checkpoints is not None:
+        calibration["train-time losses on CamVid test (each + TS fit on val)"] = evaluate_checkpoints(cfg)
+
     detectors, timings["detector_fit_s"] = fit_detectors(cfg.detectors, val_store, train_store, cfg,
                                                          selective=calibrators.get("selective"))
     detection = {"IDM: CamVid test (positive = mispredicted pixel)": evaluate_idm(test_store, detectors, cfg)}
-    for seq, names in _sequences(test_store).items():
+    seqs = _sequences(test_store)
+    for seq, names in (seqs.items() if len(seqs) > 1 else ()):
         detection[f"IDM: CamVid test {seq}"] = evaluate_idm(test_store, detectors, cfg, names)
     if cfg.anomalies:
         detection["OOD: pasted anomalies on CamVid test"] = evaluate_anomalies(model, test_set, detectors, cfg)
@@ -429,11 +501,13 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
 
     from segcal.data import CAMVID_CLASSES
 
+    dataset_label = "CamVid" if cfg.dataset == "camvid" else "SYNTHETIC blobs (no real data found)"
     results = {
-        "meta": {"model": cfg.model, "dataset": "CamVid", "calibration fit": f"CamVid val ({len(val_store)} images)",
-                 "evaluation": f"CamVid test ({len(test_store)} images)", "n_bins": 15, "seed": cfg.seed,
+        "meta": {"model": cfg.model, "dataset": dataset_label,
+                 "calibration fit": f"{dataset_label} val ({len(val_store)} images)",
+                 "evaluation": f"{dataset_label} test ({len(test_store)} images)", "n_bins": 15, "seed": cfg.seed,
                  "shift images": cfg.n_shift_images, "segcal_version": _version()},
-        "class_names": list(CAMVID_CLASSES),
+        "class_names": list(CAMVID_CLASSES) if cfg.dataset == "camvid" else [f"class {k}" for k in range(11)],
         "config": to_jsonable({k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
                                if k not in ("out", "cache", "progress")}),
         "calibration": calibration,
@@ -450,7 +524,8 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
 
 def _test_sets(store: LogitsStore) -> dict[str, list[str] | None]:
     sets: dict[str, list[str] | None] = {"test (all)": None}
-    for seq, names in _sequences(store).items():
+    seqs = _sequences(store)
+    for seq, names in (seqs.items() if len(seqs) > 1 else ()):
         sets[f"test {seq}"] = names
     return sets
 
@@ -471,11 +546,30 @@ def _version() -> str:
     return __version__
 
 
-def demo_config(out: Path, n_images: int = 24) -> BenchmarkConfig:
-    """The README's first command: the benchmark on a subset with the quick methods (minutes, not hours)."""
+def real_data_available() -> bool:
+    """True when ``$SEGCAL_DATA`` holds CamVid and the ESPNet weights."""
+    import os
+
+    root = Path(os.environ.get("SEGCAL_DATA", "../shared/data"))
+    return (root / "camvid" / "val").is_dir() and (root / "espnet_pretrained").is_dir()
+
+
+def demo_config(out: Path, n_images: int = 24, synthetic: bool | None = None) -> BenchmarkConfig:
+    """The README's first command: the benchmark on a subset with the quick methods (minutes, not hours).
+
+    Without real data (or with ``synthetic=True``) it runs on SYNTHETIC blobs with an ESPNet trained from scratch
+    for a minute — every number is then about that toy task, and the report says so.
+    """
+    if synthetic is None:
+        synthetic = not real_data_available()
+    if synthetic:
+        return BenchmarkConfig(out=out, model="synthetic-espnet", dataset="synthetic", shift_model=None,
+                               n_images=None, n_shift_images=8, calibrators=QUICK_CALIBRATORS,
+                               detectors=QUICK_DETECTORS, corruptions=QUICK_CORRUPTIONS, severities=(1, 3, 5),
+                               method_kwargs=QUICK_KWARGS, n_examples=2, anomalies=False)
     return BenchmarkConfig(out=out, n_images=n_images, n_shift_images=12, calibrators=QUICK_CALIBRATORS,
                            detectors=QUICK_DETECTORS, corruptions=QUICK_CORRUPTIONS, severities=(1, 3, 5),
                            shift_model="espnet-cityscapes", method_kwargs=QUICK_KWARGS, n_examples=2)
 
 
-__all__ = ["BenchmarkConfig", "demo_config", "evaluate_store", "run_benchmark"]
+__all__ = ["BenchmarkConfig", "demo_config", "evaluate_store", "make_dataset", "real_data_available", "run_benchmark"]
