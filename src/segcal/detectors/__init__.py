@@ -8,6 +8,7 @@ Functions map ``(N, C, H, W)`` logits to ``(N, H, W)`` scores: :func:`msp`, :fun
 
 from segcal.detectors.energy import Energy, energy
 from segcal.detectors.entropy import Entropy, entropy
+from segcal.detectors.flowenedet import FlowEneDet, load_pretrained
 from segcal.detectors.max_logit import MaxLogit, max_logit
 from segcal.detectors.msp import MSP, msp
 from segcal.detectors.registry import DETECTORS, get_detector
@@ -19,6 +20,7 @@ __all__ = [
     "MSP",
     "Energy",
     "Entropy",
+    "FlowEneDet",
     "MaxLogit",
     "SMLStatistics",
     "SelectiveDetector",
@@ -27,6 +29,7 @@ __all__ = [
     "entropy",
     "fit_sml_statistics",
     "get_detector",
+    "load_pretrained",
     "max_logit",
     "msp",
     "standardized_max_logit",

@@ -27,16 +27,20 @@ def unpack_batch(item: Any) -> Batch:
                     f"[, features]), got {type(item).__name__}")
 
 
+def check_source(batches: BatchSource, passes: int = 1) -> None:
+    """Raise if ``batches`` is not a stream, or is a one-shot iterator while ``passes > 1``."""
+    if callable(batches) and not isinstance(batches, Iterable):
+        return
+    if not isinstance(batches, Iterable):
+        raise TypeError(f"`batches` must be an iterable or a zero-arg callable, got {type(batches).__name__}")
+    if passes > 1 and iter(batches) is batches:
+        raise TypeError("`batches` is a one-shot iterator but several passes are needed; pass a list or a "
+                        "zero-arg callable returning a fresh iterator (e.g. lambda: store.batches(...))")
+
+
 def iterate(batches: BatchSource, *, passes: int = 1) -> Iterator[Batch]:
     """One pass over ``batches``; ``passes`` only decides whether a one-shot iterator is acceptable."""
-    if callable(batches) and not isinstance(batches, Iterable):
-        source = batches()
-    elif isinstance(batches, Iterable):
-        if passes > 1 and iter(batches) is batches:
-            raise TypeError("`batches` is a one-shot iterator but several passes are needed; pass a list or a "
-                            "zero-arg callable returning a fresh iterator (e.g. lambda: store.batches(...))")
-        source = batches
-    else:
-        raise TypeError(f"`batches` must be an iterable or a zero-arg callable, got {type(batches).__name__}")
+    check_source(batches, passes)
+    source = batches() if callable(batches) and not isinstance(batches, Iterable) else batches
     for item in source:
         yield unpack_batch(item)

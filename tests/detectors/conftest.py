@@ -1,0 +1,14 @@
+"""The machine running the suite is shared: single-threaded torch keeps the small fits fast and stable."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

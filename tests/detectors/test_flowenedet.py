@@ -1,0 +1,224 @@
+"""FlowEneDet: flow invertibility and log-det, ActNorm init, fitting, persistence, determinism, validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+
+from segcal.detectors import FlowEneDet, fit_sml_statistics, get_detector, load_pretrained, msp
+from segcal.detectors.flowenedet import ActNorm, EnergyFlow, channel_group_pool, flow_input
+
+
+def synthetic(n: int, seed: int, hw: int = 24, void_logit: float | None = None):
+    """Errors are informative only after per-class standardisation: class scales differ, errors sit 2σ low."""
+    g = torch.Generator().manual_seed(seed)
+    c = 3
+    mu, sd = torch.tensor([10.0, 5.0, 2.0]), torch.tensor([2.0, 1.0, 0.3])
+    pred = torch.randint(0, c, (n, hw, hw), generator=g)
+    err = torch.rand(n, hw, hw, generator=g) < 0.25
+    top = mu[pred] + sd[pred] * (torch.randn(n, hw, hw, generator=g) - 2.0 * err)
+    z = torch.minimum(0.1 * torch.randn(n, c, hw, hw, generator=g), top.unsqueeze(1) - 0.05)
+    z.scatter_(1, pred.unsqueeze(1), top.unsqueeze(1))
+    y = torch.where(err, (pred + 1 + torch.randint(0, c - 1, pred.shape, generator=g)) % c, pred)
+    void = torch.rand(n, hw, hw, generator=g) < 0.05
+    y[void] = 255
+    if void_logit is not None:  # void pixels look like a distinct, very confident input
+        z[:, 0][void] = void_logit
+        z[:, 1:][void.unsqueeze(1).expand(-1, c - 1, -1, -1)] = -void_logit
+    feats = torch.randn(n, 8, hw // 2, hw // 2, generator=g)
+    return z, y, feats
+
+
+def as_batches(z, y, f, bs: int = 4):
+    return [{"logits": z[i : i + bs], "target": y[i : i + bs], "features": f[i : i + bs]} for i in range(0, len(z), bs)]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return as_batches(*synthetic(12, 0), bs=2), synthetic(6, 1)
+
+
+def random_flow(cond_channels: int = 3, seed: int = 0) -> EnergyFlow:
+    flow = EnergyFlow(n_blocks=3, cond_channels=cond_channels, hidden=5, dropout=0.2, seed=seed).double()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # leave the zero-initialised start so every coupling is non-trivial
+        for p in flow.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return flow.eval()
+
+
+@pytest.mark.parametrize("cond_channels", [0, 3])
+def test_flow_inverse_of_forward_is_identity(cond_channels):
+    flow = random_flow(cond_channels)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 2, 9, 11, generator=g, dtype=torch.float64)
+    cond = torch.randn(2, 3, 9, 11, generator=g, dtype=torch.float64) if cond_channels else None
+    v, _ = flow(x, cond)
+    assert not torch.allclose(v, x, atol=1e-3)
+    torch.testing.assert_close(flow.inverse(v, cond), x, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("hw", [(3, 3), (4, 5)])  # 3×3 exercises the replicate-padding fallback
+def test_flow_logdet_matches_autograd_jacobian(hw):
+    flow = random_flow(2)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 2, *hw, generator=g, dtype=torch.float64)
+    cond = torch.randn(1, 2, *hw, generator=g, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda t: flow(t.view_as(x), cond)[0].flatten(), x.flatten())
+    _, logdet = flow(x, cond)
+    torch.testing.assert_close(logdet.sum(), torch.linalg.slogdet(jac)[1], atol=1e-9, rtol=0)
+
+
+def test_actnorm_data_initialisation():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 5, 6, generator=g) * torch.tensor([1.0, 5.0, 0.2]).view(1, 3, 1, 1) + 7
+    norm = ActNorm(3).train()
+    y, logdet = norm(x)
+    torch.testing.assert_close(y.mean((0, 2, 3)), torch.zeros(3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(y.std((0, 2, 3), unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
+    assert logdet.shape == (4, 5, 6)
+    torch.testing.assert_close(logdet[0, 0, 0], -x.std((0, 2, 3), unbiased=False).log().sum(), atol=1e-4, rtol=0)
+    before = norm.bias.detach().clone()
+    norm(x * 3)  # initialised once only
+    torch.testing.assert_close(norm.bias.detach(), before)
+    fresh = ActNorm(3).eval()
+    torch.testing.assert_close(fresh(x)[0], x)  # no data init outside training
+    torch.testing.assert_close(norm.inverse(norm(x)[0]), x, atol=1e-5, rtol=0)
+
+
+def test_flow_input_formula_and_stability():
+    z, y, _ = synthetic(2, 0)
+    stats = fit_sml_statistics([(z, y)])
+    u = flow_input(z, stats).double()
+    zs = (z.double() - stats.class_mean_.view(1, -1, 1, 1)) / stats.class_std_.view(1, -1, 1, 1)
+    p = torch.sigmoid(zs.logsumexp(1))  # σ(−E)
+    torch.testing.assert_close(u[:, 0], p.log(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(u[:, 1], (1 - p + 1e-6).log(), atol=1e-5, rtol=1e-5)
+    extreme = flow_input(torch.tensor([1e4, -1e4, -1e4, 1e4]).view(2, 2, 1, 1).repeat(1, 1, 1, 1), stats_two())
+    assert torch.isfinite(extreme).all()
+    assert extreme[:, 1].min() >= math.log(1e-6) - 1e-4
+
+
+def stats_two():
+    z = torch.tensor([[3.0, 0.0], [0.0, 3.0]]).T.reshape(1, 2, 1, 2).repeat(1, 1, 2, 2)
+    return fit_sml_statistics([(z, z.argmax(1))])
+
+
+def test_channel_group_pool():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(2, 64, 3, 4, generator=g)
+    torch.testing.assert_close(channel_group_pool(f, 32), f.view(2, 32, 2, 3, 4).mean(2))
+    small = torch.randn(2, 8, 3, 4, generator=g)
+    assert channel_group_pool(small, 32) is small
+    odd = torch.randn(2, 45, 3, 4, generator=g)
+    ref = F.adaptive_avg_pool1d(odd.permute(0, 2, 3, 1).reshape(-1, 1, 45), 32).view(2, 3, 4, 32).permute(0, 3, 1, 2)
+    torch.testing.assert_close(channel_group_pool(odd, 32), ref)
+
+
+def idm_auroc(score, z, y):
+    valid = y != 255
+    pos = (z.argmax(1) != y) & valid
+    return roc_auc_score(pos[valid].numpy(), score[valid].numpy())
+
+
+@pytest.mark.parametrize("variant", ["u", "c"])
+def test_fit_converges_and_beats_msp(data, variant):
+    batches, (zt, yt, ft) = data
+    det = FlowEneDet(variant=variant, epochs=4, warmup_steps=3, seed=0).fit(batches)
+    assert det.history_[-1] < det.history_[0] - 0.05, det.history_
+    s = det.score(zt, ft)
+    assert s.shape == yt.shape and s.dtype == torch.float32
+    assert ((s >= 0) & (s <= 1)).all()
+    assert det.cond_channels_ == (8 if variant == "c" else 0)  # 8 feature channels < 32: kept as they are
+    assert idm_auroc(s, zt, yt) > idm_auroc(msp(zt), zt, yt) + 0.1
+
+
+def test_void_as_ood_targets_and_weights():
+    z, y, _f = synthetic(2, 4)
+    det = FlowEneDet()
+    det.sml_ = fit_sml_statistics([(z, y)])
+    void, err = y == 255, (z.argmax(1) != y) & (y != 255)
+    _, _, t, w = det._prepare(z, y, None, fitting=True)
+    assert (t[void] == 1).all() and (w == 1).all() and (t[~void] == err[~void].float()).all()
+    det.void_as_ood = False
+    _, _, t, w = det._prepare(z, y, None, fitting=True)
+    assert (w[void] == 0).all() and (w[~void] == 1).all() and (t[~void] == err[~void].float()).all()
+
+
+def test_void_as_ood_end_to_end_with_an_informative_condition():
+    z, y, _ = synthetic(8, 4)
+    void = (y == 255).float().unsqueeze(1)
+    f = torch.cat([void, torch.zeros_like(void)], 1)  # a feature that marks void pixels
+    batches = as_batches(z, y, f, bs=2)
+    kw = dict(variant="c", epochs=8, warmup_steps=2, lr=1e-2, decay_epochs=())
+    on = FlowEneDet(void_as_ood=True, **kw).fit(batches).score(z, f)
+    off = FlowEneDet(void_as_ood=False, **kw).fit(batches).score(z, f)
+    m = void[:, 0].bool()
+    assert on[m].mean() > off[m].mean() + 0.2
+
+
+def test_save_load_round_trip_and_determinism(data, tmp_path):
+    batches, (zt, _yt, ft) = data
+    kw = dict(variant="c", epochs=1, warmup_steps=2, seed=7, patch_size=8, patches_per_image=2, max_pixels=300)
+    a = FlowEneDet(**kw).fit(batches)
+    b = FlowEneDet(**kw).fit(lambda: iter(batches))
+    c = FlowEneDet(**{**kw, "seed": 8}).fit(batches)
+    sa = a.score(zt, ft)
+    torch.testing.assert_close(b.score(zt, ft), sa, atol=0, rtol=0)
+    assert not torch.allclose(c.score(zt, ft), sa)
+    path = tmp_path / "fed.pt"
+    a.save(path)
+    assert path.stat().st_size < 300_000
+    loaded = FlowEneDet.load(path)
+    torch.testing.assert_close(loaded.score(zt, ft), sa, atol=0, rtol=0)
+    assert loaded.history_ == a.history_ and loaded.variant == "c"
+    torch.save({"x": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a saved FlowEneDet"):
+        FlowEneDet.load(tmp_path / "other.pt")
+
+
+def test_downsampled_working_resolution_returns_input_size(data):
+    batches, _ = data
+    det = FlowEneDet(epochs=1, downsample=2, warmup_steps=1).fit(batches)
+    z = torch.randn(2, 3, 15, 17)
+    assert det.score(z).shape == (2, 15, 17)
+
+
+def test_bad_inputs(data):
+    batches, (zt, yt, ft) = data
+    with pytest.raises(ValueError, match="variant"):
+        FlowEneDet(variant="x")
+    with pytest.raises(ValueError, match="n_blocks"):
+        FlowEneDet(n_blocks=0)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        FlowEneDet().score(zt)
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        FlowEneDet(epochs=2).fit(iter(batches))
+    with pytest.raises(ValueError, match="needs `features`"):
+        FlowEneDet(variant="c").fit([(b["logits"], b["target"]) for b in batches])
+    with pytest.raises(ValueError, match="empty"):
+        FlowEneDet(epochs=1, sml=fit_sml_statistics(batches)).fit([])
+    with pytest.raises(ValueError, match="labels outside"):
+        FlowEneDet(epochs=1).fit([(zt, yt.clamp(max=100) + 3)])
+    det = FlowEneDet(variant="c", epochs=1, warmup_steps=1).fit(batches)
+    with pytest.raises(ValueError, match="C=4"):
+        det.score(torch.randn(1, 4, 5, 5), ft[:1])
+    with pytest.raises(ValueError, match="batch size"):
+        det.score(zt, ft[:1])
+    with pytest.raises(ValueError, match="F=5"):
+        det.score(zt, ft[:, :5])
+    with pytest.raises(ValueError, match="NaN"):
+        det.score(zt, ft * float("nan"))
+
+
+def test_registry_and_pretrained_lookup():
+    det = get_detector("flowenedet-c", n_blocks=2)
+    assert isinstance(det, FlowEneDet) and det.variant == "c" and det.n_blocks == 2
+    with pytest.raises(FileNotFoundError, match="no shipped FlowEneDet"):
+        load_pretrained("no-such-model")
+    with pytest.raises(FileNotFoundError):
+        get_detector("flowenedet-u", pretrained="no-such-model")
