@@ -5,13 +5,13 @@ Usage:
 
 Part 1 times each loss alone on (8, 11, 360, 480) logits (CamVid-like piecewise-constant labels, 5 % ignore).
 Part 2 (when ``segcal.models.load("espnet-camvid")`` works) times a full training step — forward, loss, backward,
-SGD step — of ESPNet at 480×360, batch 8, with each loss. Prints median seconds and the ratio to CE.
+SGD step — of ESPNet at 480×360, batch 8, with each loss. Prints the minimum seconds over interleaved rounds
+and the ratio to CE.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 
@@ -42,14 +42,18 @@ def labels(seed: int = 0) -> torch.Tensor:
     return y
 
 
-def timed(fn: Callable[[], None], repeats: int) -> float:
-    fn()  # warm-up (allocator, kernels)
-    times = []
+def timed(fns: dict[str, Callable[[], None]], repeats: int) -> list[tuple[str, float]]:
+    """Minimum time per function over ``repeats`` interleaved rounds: on a shared machine the minimum is the least
+    disturbed run, and interleaving spreads load changes over all losses alike."""
+    for fn in fns.values():
+        fn()  # warm-up (allocator, kernels)
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return [(name, min(ts)) for name, ts in times.items()]
 
 
 def make_loss(name: str, kwargs: dict) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -63,7 +67,7 @@ def make_loss(name: str, kwargs: dict) -> Callable[[torch.Tensor, torch.Tensor],
 
 def table(title: str, rows: list[tuple[str, float]]) -> None:
     base = dict(rows)["ce"]
-    print(f"\n{title}\n| loss | median s | × CE |\n|---|---:|---:|")
+    print(f"\n{title}\n| loss | s | × CE |\n|---|---:|---:|")
     for name, t in rows:
         print(f"| {name} | {t:.3f} | {t / base:.2f} |")
 
@@ -71,13 +75,11 @@ def table(title: str, rows: list[tuple[str, float]]) -> None:
 def bench_alone(repeats: int) -> None:
     y = labels()
     z0 = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(1)) * 3
-    rows = []
-
     def torch_ce() -> None:
         z = z0.clone().requires_grad_(True)
         F.cross_entropy(z, y, ignore_index=255).backward()
 
-    rows.append(("torch F.cross_entropy", timed(torch_ce, repeats)))
+    fns: dict[str, Callable[[], None]] = {"torch F.cross_entropy": torch_ce}
     for label, name, kwargs in LOSSES:
         fn = make_loss(name, kwargs)
 
@@ -85,8 +87,8 @@ def bench_alone(repeats: int) -> None:
             z = z0.clone().requires_grad_(True)
             fn(z, y).backward()
 
-        rows.append((label, timed(step, repeats)))
-    table(f"Loss alone, forward + backward on ({B}, {C}, {H}, {W}) logits", rows)
+        fns[label] = step
+    table(f"Loss alone, forward + backward on ({B}, {C}, {H}, {W}) logits (min s)", timed(fns, repeats))
 
 
 def bench_model(repeats: int) -> None:
@@ -101,7 +103,7 @@ def bench_model(repeats: int) -> None:
     x = torch.randn(B, 3, H, W, generator=torch.Generator().manual_seed(2))
     y = labels()
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)
-    rows = []
+    fns: dict[str, Callable[[], None]] = {}
     for label, name, kwargs in LOSSES:
         fn = make_loss(name, kwargs)
 
@@ -110,8 +112,9 @@ def bench_model(repeats: int) -> None:
             fn(model(x), y).backward()
             opt.step()
 
-        rows.append((label, timed(step, repeats)))
-    table(f"ESPNet-CamVid training step (forward, loss, backward, SGD) at {W}×{H}, batch {B}", rows)
+        fns[label] = step
+    table(f"ESPNet-CamVid training step (forward, loss, backward, SGD) at {W}×{H}, batch {B} (min s)",
+          timed(fns, repeats))
 
 
 def main() -> None:
