@@ -70,7 +70,7 @@ def test_ties_and_score_range_mode():
 
 
 def test_score_key_is_monotone_over_all_magnitudes():
-    s = torch.tensor([-1e30, -3e7, -5.0, -1.0, -0.999, -1e-3, -1e-20, 0.0, 1e-20, 1e-9, 0.5, 0.5001, 1.0,
+    s = torch.tensor([-1e30, -3e7, -5.0, -1.0, -0.999, -1e-3, -1e-20, 0.0, 1e-20, 1e-9, 0.5, 0.501, 1.0,
                       7.0, 1e6, 3e9, 1e30])
     k = _score_key(s, 2**17, None)
     assert torch.all(k[1:] >= k[:-1])
