@@ -174,11 +174,14 @@ def subsample_pixels(source: Iterable[Batch], ignore_index: int | None, max_pixe
     cum = torch.tensor(parts, dtype=torch.float64).cumsum(0) if parts is not None else None
     for b in source:
         n, _, h, w = b.logits.shape
-        keys = torch.rand((n, h, w), generator=generator)
+        # Drawn image by image, so the sample does not depend on how images are grouped into batches.
+        keys = torch.empty((n, h, w))
         img_part = torch.zeros(n, dtype=torch.long)
-        if cum is not None:
-            u = torch.rand(n, generator=generator, dtype=torch.float64)
-            img_part = torch.searchsorted(cum, u * cum[-1], right=True).clamp_max(len(cum) - 1)
+        for i in range(n):
+            keys[i] = torch.rand((h, w), generator=generator)
+            if cum is not None:
+                u = torch.rand(1, generator=generator, dtype=torch.float64)
+                img_part[i] = torch.searchsorted(cum, u * cum[-1], right=True).clamp_max(len(cum) - 1)[0]
         mask = keys > thr
         if ignore_index is not None:
             mask &= b.target != ignore_index
@@ -384,7 +387,8 @@ def streaming_lbfgs(params: list[Tensor], loss_sum: Callable[[Tensor, Tensor], T
             loss.backward()
             stats[0] += float(loss.detach())
             stats[1] += y.numel()
-        flat = torch.cat([stats] + [p.grad.reshape(-1).double() for p in params])
+        flat = torch.cat([stats] + [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
+                                    for p in params])
         reduce(flat)
         if flat[1] == 0:
             raise ValueError("the fit data has no valid pixels (every label is ignore_index)")

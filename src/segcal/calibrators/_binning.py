@@ -86,8 +86,8 @@ def apply_table(z: Tensor, table: Tensor, mode: str) -> Tensor:
         c_new = table[0][fine_index(u_top)]
         log1m_c = torch.nn.functional.logsigmoid(-u_top)
         # Floor ĉ where the rescaled runner-up p2·(1−ĉ)/(1−c) would tie with it, so the prediction never changes.
-        p2 = top2.values[:, 1:].exp()
-        floor = p2 / (log1m_c.exp() + p2) * (1 + 1e-4)
+        log_p2 = top2.values[:, 1:]
+        floor = (log_p2 - torch.logaddexp(log1m_c, log_p2)).exp() * (1 + 1e-4)
         c_new = torch.maximum(c_new, floor).clamp(_EPS, 1 - _EPS)
         # Rescale the non-top classes to share 1 − ĉ in their original proportions.
         out = logp + torch.log1p(-c_new) - log1m_c

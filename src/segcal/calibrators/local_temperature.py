@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from segcal.calibrators._base import BatchSource, Calibrator
 from segcal.calibrators.temperature import TemperatureScaling
 
 
 def _conv(cin: int) -> nn.Conv2d:
-    conv = nn.Conv2d(cin, 1, kernel_size=5, padding=4, dilation=2, padding_mode="reflect")
+    conv = nn.Conv2d(cin, 1, kernel_size=5, dilation=2)
     nn.init.zeros_(conv.weight)
     nn.init.zeros_(conv.bias)
     return conv
@@ -34,16 +35,25 @@ class LTSNet(nn.Module):
         self.img = _conv(image_channels) if image_channels else None
         self.img_gate = _conv(image_channels) if image_channels else None
 
+    @staticmethod
+    def _pad(x: Tensor) -> Tensor:
+        # Reflect padding (official) needs H, W > 4; tiny inputs fall back to replicate.
+        mode = "reflect" if min(x.shape[-2:]) > 4 else "replicate"
+        return F.pad(x, (4, 4, 4, 4), mode=mode)
+
     def forward(self, z: Tensor, images: Tensor | None) -> Tensor:
-        t1 = self.conv[0](z) + 1
-        t2 = self.conv[1](t1) + 1
-        t3 = self.conv[2](t2) + 1
-        t4 = self.conv[3](t3) + 1
-        g1, g2, g3 = (torch.sigmoid(g(z)) for g in self.gate)
+        p = self._pad
+        t1 = self.conv[0](p(z)) + 1
+        t2 = self.conv[1](p(t1)) + 1
+        t3 = self.conv[2](p(t2)) + 1
+        t4 = self.conv[3](p(t3)) + 1
+        zp = p(z)
+        g1, g2, g3 = (torch.sigmoid(g(zp)) for g in self.gate)
         mix = g3 * (g1 * t4 + (1 - g1) * t3) + (1 - g3) * (g2 * t2 + (1 - g2) * t1)
         if self.img is not None and self.img_gate is not None and images is not None:
-            gi = torch.sigmoid(self.img_gate(images))
-            mix = gi * mix + (1 - gi) * (self.img(images) + 1)
+            ip = p(images)
+            gi = torch.sigmoid(self.img_gate(ip))
+            mix = gi * mix + (1 - gi) * (self.img(ip) + 1)
         return (mix - 1 + self.t0).clamp_min(self.t_min)
 
 
@@ -55,7 +65,7 @@ class LocalTemperatureScaling(Calibrator):
         \min \; \mathrm{mean}_{i \in V} -\log\operatorname{softmax}(z_i / T_i)_{y_i}
 
     Architecture as the official code (:class:`LTSNet`), trained by pixel NLL with Adam over the batches of the fit
-    data for ``epochs`` passes. The start is the global temperature-scaling solution (``init_temperature="ts"``) or a
+    data for ``epochs`` passes (one Adam step per batch, so the result depends on the batching). The start is the global temperature-scaling solution (``init_temperature="ts"``) or a
     given float. Positive per-pixel temperatures keep the argmax. Ignore pixels carry no loss, but their *logits* are
     spatial context for neighbouring valid pixels — exactly as at test time, where labels are unknown — so LTS is the
     one calibrator whose fit can depend on logits at ignore pixels. Images are required when ``use_image=True`` (in

@@ -1,0 +1,217 @@
+"""Common check suite: every calibrator passes the same behavioural checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from segcal.calibrators import (
+    CALIBRATORS,
+    Calibrator,
+    NotFittedError,
+    get_calibrator,
+    load,
+)
+
+# Small, fast settings; the ones not listed use their defaults.
+FAST = {
+    "lts": {"epochs": 2, "lr": 1e-2},
+    "selective": {"epochs": 3, "max_pixels": 3000, "batch_size": 512},
+    "vs": {"max_iter": 10},
+    "ms": {"max_iter": 10},
+    "dirichlet": {"max_iter": 10, "reg_lambda": 1e-3},
+    "ets": {"max_iter": 10},
+}
+NAMES = sorted(CALIBRATORS)
+# Documented exceptions: VS/MS/Dirichlet reorder classes; binning calibrators keep the argmax in top-label mode.
+PRESERVE = {"ts", "ets", "lts", "selective", "histogram", "isotonic"}
+
+
+def make(name: str, **kw: object) -> Calibrator:
+    return get_calibrator(name, **{**FAST.get(name, {}), **kw})
+
+
+def data(seed: int = 0, n: int = 4, c: int = 4, h: int = 12, w: int = 12, dtype: torch.dtype = torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, c, h, w, generator=g) * 3
+    p = torch.softmax(z / 2.0, 1).permute(0, 2, 3, 1).reshape(-1, c)
+    y = torch.multinomial(p, 1, generator=g).view(n, h, w)
+    y[:, 0, :] = 255
+    img = torch.rand(n, 3, h, w, generator=g)
+    return z.to(dtype), y, img
+
+
+def fit(cal: Calibrator, z: torch.Tensor, y: torch.Tensor, img: torch.Tensor) -> Calibrator:
+    return cal.fit(z, y, images=img if cal.needs_images else None)
+
+
+def state_tensors(cal: Calibrator) -> dict[str, object]:
+    out = {}
+    for k, v in cal._get_state().items():
+        if k in ("history_",):
+            continue
+        out[k] = v
+    return out
+
+
+def assert_same_state(a: Calibrator, b: Calibrator, atol: float = 0.0) -> None:
+    sa, sb = state_tensors(a), state_tensors(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        va, vb = sa[k], sb[k]
+        if isinstance(va, dict) and "__calibrator__" not in va:
+            for kk in va:
+                torch.testing.assert_close(va[kk], vb[kk], atol=atol, rtol=0, msg=f"{k}.{kk}")
+        elif isinstance(va, torch.Tensor):
+            torch.testing.assert_close(va, vb, atol=atol, rtol=0, msg=k)
+        elif isinstance(va, float):
+            assert va == pytest.approx(vb, abs=atol, rel=0), k
+        elif not isinstance(va, dict):
+            assert va == vb, k
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shapes_dtype_and_probabilities(name: str) -> None:
+    z, y, img = data()
+    cal = fit(make(name), z, y, img)
+    out = cal.transform(z, img)
+    assert out.shape == z.shape and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    p = cal.predict_proba(z, img)
+    torch.testing.assert_close(p.sum(1), torch.ones(4, 12, 12))
+    assert cal.num_classes_ == 4
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_argmax_preserved_where_promised(name: str) -> None:
+    z, y, img = data(1)
+    cal = fit(make(name), z, y, img)
+    assert cal.preserves_argmax == (name in PRESERVE)
+    if cal.preserves_argmax:
+        assert torch.equal(cal.transform(z, img).argmax(1), z.argmax(1))
+
+
+@pytest.mark.parametrize("name", sorted(set(NAMES) - {"lts"}))
+def test_ignore_pixels_have_no_influence(name: str) -> None:
+    # LTS is the documented exception: ignore-pixel logits are spatial context (as at test time).
+    z, y, img = data(2)
+    z2 = z.clone()
+    ign = (y == 255)[:, None].expand_as(z)
+    z2[ign] = torch.randn(int(ign.sum())) * 50
+    a, b = fit(make(name), z, y, img), fit(make(name), z2, y, img)
+    assert_same_state(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_refit_is_idempotent(name: str) -> None:
+    z, y, img = data(3)
+    z_other, y_other, _ = data(4)
+    cal = fit(make(name), z, y, img)
+    first = make(name)
+    fit(first, z, y, img)
+    fit(cal, z_other, y_other, img)
+    fit(cal, z, y, img)  # refit overwrites everything learned before
+    assert_same_state(cal, first)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_save_load_round_trip(name: str, tmp_path) -> None:
+    z, y, img = data(5)
+    cal = fit(make(name), z, y, img)
+    path = tmp_path / f"{name}.pt"
+    cal.save(path)
+    raw = torch.load(path, weights_only=True)
+    assert raw["class"] == type(cal).__name__
+    for loaded in (load(path), type(cal).load(path)):
+        assert type(loaded) is type(cal)
+        assert loaded.get_params().keys() == cal.get_params().keys()
+        torch.testing.assert_close(loaded.transform(z, img), cal.transform(z, img), atol=0, rtol=0)
+
+
+def test_load_wrong_class_raises(tmp_path) -> None:
+    z, y, img = data()
+    path = tmp_path / "ts.pt"
+    make("ts").fit(z, y).save(path)
+    with pytest.raises(ValueError, match="not a VectorScaling"):
+        CALIBRATORS["vs"].load(path)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unfitted_raises_clear_error(name: str) -> None:
+    z, _, img = data()
+    with pytest.raises(NotFittedError, match="not fitted"):
+        make(name).transform(z, img)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_input_validation(name: str) -> None:
+    z, y, img = data()
+    cal = make(name)
+    with pytest.raises(ValueError, match="target"):
+        cal.fit(z, y[:, :-1], images=img)
+    bad = y.clone()
+    bad[0, 3, 3] = 7
+    with pytest.raises(ValueError, match="labels outside"):
+        cal.fit(z, bad, images=img)
+    nan = z.clone()
+    nan[0, 0, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        cal.fit(nan, y, images=img)
+    fit(cal, z, y, img)
+    with pytest.raises(ValueError, match="C=5"):
+        cal.transform(torch.randn(1, 5, 12, 12), img[:1])
+    with pytest.raises(ValueError, match="no valid pixels"):
+        make(name).fit(z, torch.full_like(y, 255), images=img)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("case", ["one_class", "all_correct", "tiny", "float16"])
+def test_degenerate_inputs_survive(name: str, case: str) -> None:
+    z, y, img = data(6)
+    if case == "one_class":
+        y = torch.where(y == 255, y, torch.zeros_like(y))
+    elif case == "all_correct":
+        z = z * 20
+        y = z.argmax(1)
+    elif case == "tiny":
+        z, y, img = z[:1, :, :2, :2].contiguous(), y[:1, 1:3, :2].contiguous(), img[:1, :, :2, :2].contiguous()
+        z = torch.randn(1, 4, 2, 2)
+    elif case == "float16":
+        z = z.half()
+    cal = fit(make(name), z, y, img)
+    out = cal.transform(z, img)
+    assert out.shape == z.shape and torch.isfinite(out).all()
+    assert torch.isfinite(cal.predict_proba(z, img)).all()
+    if cal.preserves_argmax:
+        assert torch.equal(out.argmax(1), z.float().argmax(1))
+
+
+@pytest.mark.parametrize("name", sorted(set(NAMES) - {"lts"}))
+def test_batches_equal_tensor_fit(name: str) -> None:
+    # LTS takes one Adam step per batch, so its result depends on the batching by design.
+    z, y, img = data(7)
+    ref = fit(make(name), z, y, img)
+    batches = [{"logits": z[i:i + 2], "target": y[i:i + 2], "images": img[i:i + 2], "names": ["a", "b"]}
+               for i in (0, 2)]
+    for source in (batches, lambda: iter(batches)):
+        cal = make(name).fit(source)
+        assert_same_state(cal, ref, atol=1e-4)
+
+
+def test_one_shot_iterator_rules() -> None:
+    z, y, _ = data(8)
+    gen = ((z[i:i + 2], y[i:i + 2]) for i in (0, 2))
+    make("histogram").fit(gen)  # single pass: fine
+    gen = ((z[i:i + 2], y[i:i + 2]) for i in (0, 2))
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        make("ts").fit(gen)
+
+
+def test_registry() -> None:
+    assert set(CALIBRATORS) == {"ts", "vs", "ms", "dirichlet", "ets", "lts", "selective", "histogram", "isotonic"}
+    assert type(get_calibrator("TemperatureScaling")) is CALIBRATORS["ts"]
+    assert get_calibrator("ts", t_bounds=(0.5, 2.0)).t_bounds == (0.5, 2.0)
+    with pytest.raises(ValueError, match="unknown calibrator"):
+        get_calibrator("nope")
+    with pytest.raises(ValueError, match="invalid parameter"):
+        get_calibrator("ts").set_params(bogus=1)
