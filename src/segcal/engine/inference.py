@@ -14,7 +14,7 @@ from torch import nn
 
 from segcal.data.store import LogitsStore
 
-__all__ = ["dist_info", "model_fingerprint", "predict", "store_manifest"]
+__all__ = ["dataset_id", "dist_info", "model_fingerprint", "predict", "store_manifest"]
 
 
 def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -51,6 +51,25 @@ def _dataset_names(dataset: Any) -> list[str] | None:
     return names
 
 
+def dataset_id(dataset: Any) -> str:
+    """Identity of a dataset for the store manifest: class name, wrapped datasets and their settings, folder."""
+    base = str(getattr(dataset, "dataset_name", None) or type(dataset).__name__)
+    inner = getattr(dataset, "dataset", None)
+    if inner is not None and hasattr(inner, "__getitem__"):  # a wrapper such as CorruptedDataset
+        extras = [f"{a}={getattr(dataset, a)}" for a in ("name", "severity", "seed") if hasattr(dataset, a)]
+        return f"{dataset_id(inner)}+{base}({','.join(extras)})"
+    folder = getattr(dataset, "image_dir", None)
+    return f"{base}({folder})" if folder is not None else base
+
+
+def _split(dataset: Any) -> Any:
+    split = getattr(dataset, "split", None)
+    inner = getattr(dataset, "dataset", None)
+    if split is None and inner is not None and hasattr(inner, "__getitem__"):
+        return _split(inner)
+    return split
+
+
 def store_manifest(segmenter: Any, dataset: Any, features: bool = False) -> dict:
     """The manifest header :func:`predict` writes: model, fingerprint, dataset, split, classes, order."""
     num_classes = int(segmenter.num_classes)
@@ -58,8 +77,8 @@ def store_manifest(segmenter: Any, dataset: Any, features: bool = False) -> dict
     return {
         "model": str(getattr(segmenter, "name", type(segmenter).__name__)),
         "model_fingerprint": model_fingerprint(segmenter) if isinstance(segmenter, nn.Module) else None,
-        "dataset": str(getattr(dataset, "dataset_name", None) or type(dataset).__name__),
-        "split": getattr(dataset, "split", None),
+        "dataset": dataset_id(dataset),
+        "split": _split(dataset),
         "num_classes": num_classes,
         "class_names": [str(c) for c in class_names],
         "ignore_index": int(getattr(dataset, "ignore_index", 255) if getattr(dataset, "ignore_index", 255)

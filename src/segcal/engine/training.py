@@ -56,6 +56,8 @@ class TrainConfig:
         val_subset: validate on the first this-many validation images.
         val_batch_size: batch size of validation / holdout inference.
         grad_clip: clip the global gradient norm to this value (None = off).
+        freeze_bn: keep BatchNorm layers in eval mode (running statistics frozen) -- for small batches or small
+            crops, whose batch statistics differ from the pretrained ones.
         n_bins, ignore_index: validation ECE bins and the ignored label.
     """
 
@@ -75,6 +77,7 @@ class TrainConfig:
     val_subset: int | None = None
     val_batch_size: int = 4
     grad_clip: float | None = None
+    freeze_bn: bool = False
     n_bins: int = 15
     ignore_index: int = 255
 
@@ -228,25 +231,25 @@ class Trainer:
 
     Args:
         model: a Segmenter (``preprocess``, ``forward``, ``num_classes``); trained in place.
-        train_data: dataset of ``{"image", "target", "name"}`` samples with labels.
-        val_data: optional labelled dataset for per-epoch validation (mIoU, accuracy, ECE, NLL).
-        loss: callable ``loss(logits, target) -> scalar`` (default: cross-entropy ignoring ``ignore_index``); with
+        loss: callable ``loss(logits, target) -> scalar`` (None: cross-entropy ignoring ``ignore_index``); with
             ``needs_ids = True`` it is called with ``ids=[names]``; ``on_epoch_start(epoch, val_accuracy=...)`` is
             called every epoch with the held-out pixel accuracy; ``state_dict``/``load_state_dict`` are checkpointed.
+        train_data: dataset of ``{"image", "target", "name"}`` samples with labels.
+        val_data: optional labelled dataset for per-epoch validation (mIoU, accuracy, ECE, NLL).
         out_dir: where checkpoints and the log go (None: no files, no resume).
         config: a :class:`TrainConfig`; keyword ``overrides`` replace its fields.
         progress: show tqdm bars.
 
     Example:
         >>> import tempfile
-        >>> # trainer = Trainer(segmenter, CamVid(split="train"), CamVid(split="val"), out_dir="runs/ft", epochs=5)
+        >>> # trainer = Trainer(segmenter, None, CamVid(split="train"), CamVid(split="val"), out_dir="runs/ft")
         >>> # history = trainer.fit(resume=True)
         >>> TrainConfig(epochs=2).validate().epochs
         2
     """
 
-    def __init__(self, model: nn.Module, train_data: Any, val_data: Any = None,
-                 loss: Callable[..., Tensor] | None = None, out_dir: str | os.PathLike | None = None,
+    def __init__(self, model: nn.Module, loss: Callable[..., Tensor] | None, train_data: Any, val_data: Any = None,
+                 out_dir: str | os.PathLike | None = None,
                  config: TrainConfig | None = None, progress: bool = True, **overrides: Any) -> None:
         if not isinstance(model, nn.Module) or not hasattr(model, "preprocess"):
             raise TypeError(f"`model` must be a segcal Segmenter (nn.Module with preprocess), got "
@@ -425,6 +428,10 @@ class Trainer:
                     record["holdout_accuracy"] = acc
                 self.loss.on_epoch_start(epoch, val_accuracy=acc)
             self.model.train()
+            if cfg.freeze_bn:
+                for mod in self.model.modules():
+                    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                        mod.eval()
             if is_module_loss:
                 self.loss.train()
             losses, step_times, data_times = [], [], []
@@ -518,5 +525,5 @@ def train(model: nn.Module, train_data: Any, val_data: Any = None, loss: Callabl
         >>> len(hist), hist[-1]["val_accuracy"]
         (2, 1.0)
     """
-    return Trainer(model, train_data, val_data, loss=loss, out_dir=out_dir, progress=progress,
+    return Trainer(model, loss, train_data, val_data, out_dir=out_dir, progress=progress,
                    **config).fit(resume=resume)
