@@ -42,8 +42,9 @@ def data():
     return as_batches(*synthetic(12, 0), bs=2), synthetic(6, 1)
 
 
-def random_flow(cond_channels: int = 3, seed: int = 0) -> EnergyFlow:
-    flow = EnergyFlow(n_blocks=3, cond_channels=cond_channels, hidden=5, dropout=0.2, seed=seed).double()
+def random_flow(cond_channels: int = 3, seed: int = 0, downsample: int = 1) -> EnergyFlow:
+    flow = EnergyFlow(n_blocks=3, cond_channels=cond_channels, hidden=5, dropout=0.2, seed=seed,
+                      downsample=downsample).double()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # leave the zero-initialised start so every coupling is non-trivial
         for p in flow.parameters():
@@ -51,23 +52,25 @@ def random_flow(cond_channels: int = 3, seed: int = 0) -> EnergyFlow:
     return flow.eval()
 
 
-@pytest.mark.parametrize("cond_channels", [0, 3])
-def test_flow_inverse_of_forward_is_identity(cond_channels):
-    flow = random_flow(cond_channels)
+@pytest.mark.parametrize(("cond_channels", "downsample"), [(0, 1), (3, 1), (3, 4)])
+def test_flow_inverse_of_forward_is_identity(cond_channels, downsample):
+    flow = random_flow(cond_channels, downsample=downsample)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 2, 9, 11, generator=g, dtype=torch.float64)
-    cond = torch.randn(2, 3, 9, 11, generator=g, dtype=torch.float64) if cond_channels else None
+    ch, cw = -(-9 // downsample), -(-11 // downsample)
+    cond = torch.randn(2, 3, ch, cw, generator=g, dtype=torch.float64) if cond_channels else None
     v, _ = flow(x, cond)
     assert not torch.allclose(v, x, atol=1e-3)
     torch.testing.assert_close(flow.inverse(v, cond), x, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("hw", [(3, 3), (4, 5)])  # 3×3 exercises the replicate-padding fallback
-def test_flow_logdet_matches_autograd_jacobian(hw):
-    flow = random_flow(2)
+# 3×3 exercises the replicate-padding fallback; downsample=2 the low-resolution conditioner
+@pytest.mark.parametrize(("hw", "downsample"), [((3, 3), 1), ((4, 5), 1), ((5, 6), 2)])
+def test_flow_logdet_matches_autograd_jacobian(hw, downsample):
+    flow = random_flow(2, downsample=downsample)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1, 2, *hw, generator=g, dtype=torch.float64)
-    cond = torch.randn(1, 2, *hw, generator=g, dtype=torch.float64)
+    cond = torch.randn(1, 2, *(-(-k // downsample) for k in hw), generator=g, dtype=torch.float64)
     jac = torch.autograd.functional.jacobian(lambda t: flow(t.view_as(x), cond)[0].flatten(), x.flatten())
     _, logdet = flow(x, cond)
     torch.testing.assert_close(logdet.sum(), torch.linalg.slogdet(jac)[1], atol=1e-9, rtol=0)
@@ -154,7 +157,7 @@ def test_void_as_ood_end_to_end_with_an_informative_condition():
     void = (y == 255).float().unsqueeze(1)
     f = torch.cat([void, torch.zeros_like(void)], 1)  # a feature that marks void pixels
     batches = as_batches(z, y, f, bs=2)
-    kw = dict(variant="c", epochs=8, warmup_steps=2, lr=1e-2, decay_epochs=())
+    kw = dict(variant="c", epochs=8, warmup_steps=2, lr=1e-2, decay_epochs=(), downsample=1, hidden_channels=16)
     on = FlowEneDet(void_as_ood=True, **kw).fit(batches).score(z, f)
     off = FlowEneDet(void_as_ood=False, **kw).fit(batches).score(z, f)
     m = void[:, 0].bool()
@@ -181,11 +184,12 @@ def test_save_load_round_trip_and_determinism(data, tmp_path):
         FlowEneDet.load(tmp_path / "other.pt")
 
 
-def test_downsampled_working_resolution_returns_input_size(data):
+@pytest.mark.parametrize("downsample", [1, 4])
+def test_any_input_size_scores_at_the_logits_resolution(data, downsample):
     batches, _ = data
-    det = FlowEneDet(epochs=1, downsample=2, warmup_steps=1).fit(batches)
+    det = FlowEneDet(variant="c", epochs=1, downsample=downsample, warmup_steps=1, patch_size=10).fit(batches)
     z = torch.randn(2, 3, 15, 17)
-    assert det.score(z).shape == (2, 15, 17)
+    assert det.score(z, torch.randn(2, 8, 8, 9)).shape == (2, 15, 17)
 
 
 def test_bad_inputs(data):

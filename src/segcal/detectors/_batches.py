@@ -1,8 +1,9 @@
 """Normalise the many shapes a "stream of batches" can take into ``(logits, target, features)`` triples.
 
 Accepted per-batch items: a ``LogitsStore``-style dict with keys ``logits``, ``target`` and optionally ``features``;
-or a tuple ``(logits, target)`` / ``(logits, target, features)``. The stream itself may be an iterable or a zero-arg
-callable returning a fresh iterator; only the latter (or a re-iterable container) can be walked more than once.
+or a tuple ``(logits, target)`` / ``(logits, target, features)``. The stream itself may be an iterable, a zero-arg
+callable returning a fresh iterator, or a ``LogitsStore`` (see :func:`from_store`); all but a one-shot iterator can
+be walked more than once.
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ def unpack_batch(item: Any) -> Batch:
         return item[0], item[1], item[2] if len(item) == 3 else None
     raise TypeError(f"`batches` must yield dicts with 'logits'/'target'[/'features'] or tuples (logits, target"
                     f"[, features]), got {type(item).__name__}")
+
+
+def from_store(batches: Any, *, features: bool = False) -> Any:
+    """A ``LogitsStore``-like object (has a ``batches(...)`` method, is not itself iterable) becomes a zero-arg
+    callable streaming it once per pass; anything else is returned unchanged."""
+    method = getattr(batches, "batches", None)
+    if callable(method) and not isinstance(batches, Iterable):
+        return (lambda: method(features=True)) if features else method
+    return batches
 
 
 def check_source(batches: BatchSource, passes: int = 1) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
-from segcal.detectors._batches import BatchSource, iterate
+from segcal.detectors._batches import BatchSource
 from segcal.detectors._scores import as_compute
 
 
@@ -41,13 +41,11 @@ class SelectiveDetector:
         self.calibrator_kwargs = calibrator_kwargs
 
     def fit(self, batches: BatchSource) -> SelectiveDetector:
-        """Fit a new SelectiveScaling on ``batches`` (logits and targets), returns self."""
+        """Fit a new SelectiveScaling on ``batches`` (anything its ``fit`` accepts: a LogitsStore, a list of
+        batches, a callable), returns self."""
         from segcal.calibrators import SelectiveScaling  # lazy: optional sibling package
 
-        pairs = [(z, y) for z, y, _ in iterate(batches)]
-        if not pairs:
-            raise ValueError("`batches` is empty")
-        self.calibrator = SelectiveScaling(**self.calibrator_kwargs).fit(pairs)
+        self.calibrator = SelectiveScaling(**self.calibrator_kwargs).fit(batches)
         return self
 
     def score(self, logits: Tensor, features: Tensor | None = None) -> Tensor:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from segcal._checks import check_logits_target
-from segcal.detectors._batches import BatchSource, iterate
+from segcal.detectors._batches import BatchSource, from_store, iterate
 from segcal.detectors._scores import as_compute
 
 
@@ -109,7 +109,7 @@ class SMLStatistics:
         """Reset, stream ``batches`` once (dicts or ``(logits, target[, features])`` tuples), compute; returns self."""
         self.reset()
         seen = False
-        for logits, target, _ in iterate(batches):
+        for logits, target, _ in iterate(from_store(batches)):
             if target is None:
                 raise ValueError("SMLStatistics.fit needs targets: a batch has no 'target'")
             self.update(logits, target)
