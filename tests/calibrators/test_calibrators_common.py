@@ -129,7 +129,7 @@ def test_save_load_round_trip(name: str, tmp_path) -> None:
 
 
 def test_load_wrong_class_raises(tmp_path) -> None:
-    z, y, img = data()
+    z, y, _ = data()
     path = tmp_path / "ts.pt"
     make("ts").fit(z, y).save(path)
     with pytest.raises(ValueError, match="not a VectorScaling"):

@@ -65,11 +65,12 @@ class LocalTemperatureScaling(Calibrator):
         \min \; \mathrm{mean}_{i \in V} -\log\operatorname{softmax}(z_i / T_i)_{y_i}
 
     Architecture as the official code (:class:`LTSNet`), trained by pixel NLL with Adam over the batches of the fit
-    data for ``epochs`` passes (one Adam step per batch, so the result depends on the batching). The start is the global temperature-scaling solution (``init_temperature="ts"``) or a
-    given float. Positive per-pixel temperatures keep the argmax. Ignore pixels carry no loss, but their *logits* are
-    spatial context for neighbouring valid pixels — exactly as at test time, where labels are unknown — so LTS is the
-    one calibrator whose fit can depend on logits at ignore pixels. Images are required when ``use_image=True`` (in
-    fit and transform); uint8 images are scaled to [0, 1].
+    data for ``epochs`` passes (one Adam step per batch, so the result depends on the batching). The start is the
+    global temperature-scaling solution (``init_temperature="ts"``) or a given float. Positive per-pixel temperatures
+    keep the argmax. Ignore pixels carry no loss, but their *logits* are spatial context for neighbouring valid
+    pixels — exactly as at test time, where labels are unknown — so LTS is the one calibrator whose fit can depend on
+    logits at ignore pixels. Images are required when ``use_image=True`` (in fit and transform); uint8 images are
+    scaled to [0, 1].
 
     Args:
         ignore_index: label excluded from the loss.

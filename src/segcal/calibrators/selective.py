@@ -102,7 +102,7 @@ class SelectiveScaling(Calibrator):
 
     def __init__(self, base: Calibrator | None = None, *, mis_temperature: str | float = "fit",
                  threshold: float = 0.5, epochs: int = 40, ignore_index: int | None = 255,
-                 max_pixels: int = 200_000, batch_size: int = 4096, lr: float = 1e-3, weight_decay: float = 1e-6,
+                 max_pixels: int = 200_000, batch_size: int = 1024, lr: float = 1e-3, weight_decay: float = 1e-6,
                  val_fraction: float = 0.15, select_fraction: float = 0.2,
                  t_mis_bounds: tuple[float, float] = (0.05, 1e4), seed: int = 0) -> None:
         self.base = base
