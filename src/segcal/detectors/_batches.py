@@ -29,10 +29,10 @@ def unpack_batch(item: Any) -> Batch:
 
 
 def from_store(batches: Any, *, features: bool = False) -> Any:
-    """A ``LogitsStore``-like object (has a ``batches(...)`` method, is not itself iterable) becomes a zero-arg
-    callable streaming it once per pass; anything else is returned unchanged."""
+    """A ``LogitsStore``-like object (has a ``batches(...)`` method; iterating the store itself yields single
+    images, not batches) becomes a zero-arg callable streaming it once per pass; anything else is unchanged."""
     method = getattr(batches, "batches", None)
-    if callable(method) and not isinstance(batches, Iterable):
+    if callable(method):
         return (lambda: method(features=True)) if features else method
     return batches
 
