@@ -33,7 +33,7 @@ from segcal.metrics.boundary import boundary_mask
 
 # Images are processed in chunks of about this many class-scores so that temporaries stay cache-sized and memory
 # does not grow with the batch size.
-_CHUNK_ELEMENTS = 2**21
+_CHUNK_ELEMENTS = 2**23
 
 
 @dataclass(frozen=True)
@@ -155,9 +155,9 @@ def _update_chunk(preds: Tensor, target: Tensor, cfg: _CalibrationConfig, out: d
         pred = _first_argmax(x, x.amax(1))
         p_y = p.gather(1, y.unsqueeze(1)).squeeze(1)
         logp_y = torch.log(p_y.clamp_min(tiny))
-    conf = p.gather(1, pred.unsqueeze(1)).squeeze(1)
+    conf = p.amax(1)
     correct = (pred == y) & valid
-    vf = valid.to(torch.float64)
+    conf64 = conf.to(torch.float64).flatten()
 
     # Top-label histograms: one unweighted bincount gives count and correct (correct is the lowest index bit),
     # one weighted bincount the confidence sums; per image and per region so image ECE and the band come free.
@@ -169,7 +169,7 @@ def _update_chunk(preds: Tensor, target: Tensor, cfg: _CalibrationConfig, out: d
     idx = torch.where(valid, cell * (n + 1) + slot, dump)
     h2 = torch.bincount((idx * 2 + correct).flatten(), minlength=2 * dump + 2)[: 2 * dump]
     h2 = h2.view(n_img, r_num, n + 1, 2)
-    hc = torch.bincount(idx.flatten(), weights=conf.to(torch.float64).flatten(), minlength=dump + 1)[:dump]
+    hc = torch.bincount(idx.flatten(), weights=conf64, minlength=dump + 1)[:dump]
     cnt = merge_slots(h2.sum(-1))
     cor = merge_slots(h2[..., 1])
     cfs = merge_slots(hc.view(n_img, r_num, n + 1))
@@ -184,7 +184,7 @@ def _update_chunk(preds: Tensor, target: Tensor, cfg: _CalibrationConfig, out: d
 
     fidx = torch.where(valid, ace_fine_index(conf, res), res)
     f2 = torch.bincount((fidx * 2 + correct).flatten(), minlength=2 * res + 2)[: 2 * res].view(res, 2)
-    fc = torch.bincount(fidx.flatten(), weights=conf.to(torch.float64).flatten(), minlength=res + 1)[:res]
+    fc = torch.bincount(fidx.flatten(), weights=conf64, minlength=res + 1)[:res]
     out["fine_count"] += f2.sum(-1)
     out["fine_correct"] += f2[:, 1]
     out["fine_conf"] += to_fixed2(fc)
@@ -200,10 +200,10 @@ def _update_chunk(preds: Tensor, target: Tensor, cfg: _CalibrationConfig, out: d
         acc.scatter_add_(3, torch.ceil(pn).to(torch.int64), pn)
         out["cw_conf"] += to_fixed2(merge_slots(acc.sum((0, 2), dtype=torch.float64)) / n)
 
-    sumsq = torch.linalg.vecdot(p, p, dim=1)
-    brier = (sumsq - 2.0 * p_y + 1.0).to(torch.float64) * vf
-    out["brier_sum"] += to_fixed2(brier.sum())
-    out["nll_sum"] += to_fixed2((-logp_y.to(torch.float64) * vf).sum())
+    sumsq = (p * p).sum(1)
+    brier = torch.where(valid, sumsq - 2.0 * p_y + 1.0, 0.0)
+    out["brier_sum"] += to_fixed2(brier.sum(dtype=torch.float64))
+    out["nll_sum"] += to_fixed2(-torch.where(valid, logp_y, 0.0).sum(dtype=torch.float64))
     cidx = torch.where(valid, y * c_num + pred, c_num * c_num)
     out["confmat"] += torch.bincount(cidx.flatten(), minlength=c_num * c_num + 1)[:-1].view(c_num, c_num)
 

@@ -1,0 +1,137 @@
+"""Throughput and peak memory of segcal's streaming metric suite against the anchors.
+
+Methods, each fed N images of realistic 11 x 360 x 480 float32 logits in batches of 4:
+  softmax+max   bare ``softmax(1).max(1)`` pass: the floor every metric pays
+  segcal        ``CalibrationMetrics`` full suite (ece, mce, ace, cw_ece, nll, brier, oe, miou, image_ece)
+  torchmetrics  ``MulticlassCalibrationError`` (ECE only; keeps every pixel's confidence)
+  netcal        ``netcal.metrics.ECE`` (needs all (P, C) probabilities at once)
+
+Each (method, N) runs in its own subprocess so the peak RSS (``ru_maxrss``) is that method's alone; inputs are a
+fixed pool of 4 distinct batches cycled to make N images, so input memory is the same for every N.
+
+Usage:
+    .venv/bin/python benchmarks/metrics_speed.py                 # N = 8 and 32, best of 3
+    .venv/bin/python benchmarks/metrics_speed.py --n 16 64 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+C, H, W, BATCH, POOL = 11, 360, 480, 4, 4
+METHODS = ["softmax+max", "segcal", "torchmetrics", "netcal"]
+
+
+def _pool(seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(POOL):
+        base = torch.randn(BATCH, C, H // 8, W // 8, generator=g)
+        base = torch.nn.functional.interpolate(base, size=(H, W), mode="bilinear", align_corners=False)
+        logits = 6.0 * base + 0.7 * torch.randn(BATCH, C, H, W, generator=g)
+        target = base.argmax(1)
+        flip = torch.rand(BATCH, H, W, generator=g) < 0.15
+        target = torch.where(flip, torch.randint(0, C, (BATCH, H, W), generator=g), target)
+        target[:, :8] = 255  # a void band, as in CamVid
+        out.append((logits.contiguous(), target))
+    return out
+
+
+def _run_once(method: str, pool, n_images: int) -> float:
+    import numpy as np
+    import torch
+
+    batches = [pool[i % POOL] for i in range(n_images // BATCH)]
+    t0 = time.perf_counter()
+    if method == "softmax+max":
+        for logits, _ in batches:
+            torch.softmax(logits, 1).max(1)
+    elif method == "segcal":
+        from segcal.metrics import CalibrationMetrics
+
+        m = CalibrationMetrics(C)
+        for logits, target in batches:
+            m.update(logits, target)
+        m.compute()
+    elif method == "torchmetrics":
+        from torchmetrics.classification import MulticlassCalibrationError
+
+        m = MulticlassCalibrationError(num_classes=C, n_bins=15, ignore_index=255)
+        for logits, target in batches:
+            m.update(logits, target)
+        m.compute()
+    elif method == "netcal":
+        from netcal.metrics import ECE
+
+        probs, labels = [], []
+        for logits, target in batches:
+            p = torch.softmax(logits, 1).permute(0, 2, 3, 1).reshape(-1, C)
+            y = target.reshape(-1)
+            keep = y != 255
+            probs.append(p[keep].numpy())
+            labels.append(y[keep].numpy())
+        ECE(bins=15).measure(np.concatenate(probs), np.concatenate(labels))
+    else:
+        raise ValueError(method)
+    return time.perf_counter() - t0
+
+
+def _child(method: str, n_images: int, repeats: int) -> None:
+    import netcal.metrics  # noqa: F401  (imports outside the timed region)
+    import torchmetrics.classification  # noqa: F401
+
+    import segcal.metrics  # noqa: F401
+
+    pool = _pool()
+    _run_once(method, pool[:1], BATCH)  # warm-up: first-call allocations and lazy initialisation
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    best = min(_run_once(method, pool, n_images) for _ in range(repeats))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"method": method, "n": n_images, "seconds": best,
+                      "peak_mb": peak / 1024, "extra_mb": (peak - base_rss) / 1024}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, nargs="+", default=[8, 32], help="numbers of images (multiples of 4)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--child", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        _child(args.child[0], int(args.child[1]), args.repeats)
+        return
+    import torch
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; images {C}x{H}x{W} float32, "
+          f"batches of {BATCH}, best of {args.repeats}")
+    rows = {}
+    for n in args.n:
+        for method in args.methods:
+            res = subprocess.run([sys.executable, __file__, "--child", method, str(n), "--repeats",
+                                  str(args.repeats)], capture_output=True, text=True, check=True)
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            r["mpx_s"] = n * H * W / r["seconds"] / 1e6
+            rows[(method, n)] = r
+    print(f"{'method':<14}{'N':>5}{'Mpx':>7}{'Mpx/s':>9}{'vs softmax':>12}{'vs tm ECE':>11}"
+          f"{'peak MB':>10}{'extra MB':>10}")
+    for n in args.n:
+        for method in args.methods:
+            r = rows[(method, n)]
+            sm = rows.get(("softmax+max", n))
+            tm = rows.get(("torchmetrics", n))
+            vs_sm = f"{r['mpx_s'] / sm['mpx_s']:.2f}x" if sm else "-"
+            vs_tm = f"{r['mpx_s'] / tm['mpx_s']:.2f}x" if tm else "-"
+            print(f"{method:<14}{n:>5}{n * H * W / 1e6:>7.1f}{r['mpx_s']:>9.2f}{vs_sm:>12}{vs_tm:>11}"
+                  f"{r['peak_mb']:>10.0f}{r['extra_mb']:>10.0f}")
+
+
+if __name__ == "__main__":
+    main()
