@@ -204,3 +204,14 @@ def test_registry_and_pretrained_lookup():
         load_pretrained("no-such-model")
     with pytest.raises(FileNotFoundError):
         get_detector("flowenedet-u", pretrained="no-such-model")
+
+
+@pytest.mark.parametrize("downsample", [1, 2])
+def test_fused_inference_path_equals_log_likelihood_difference(downsample):
+    flow = random_flow(3, downsample=downsample)
+    g = torch.Generator().manual_seed(5)
+    u = torch.randn(2, 2, 8, 10, generator=g, dtype=torch.float64)
+    cond = torch.randn(2, 3, 8 // downsample, 10 // downsample, generator=g, dtype=torch.float64)
+    ll = flow.class_log_likelihoods(u, cond)
+    torch.testing.assert_close(flow.error_logit(u, cond), ll[:, 1] - ll[:, 0], atol=1e-10, rtol=0)
+    torch.testing.assert_close(flow.transform(u, cond), flow(u, cond)[0], atol=1e-12, rtol=0)

@@ -123,9 +123,8 @@ class SMLStatistics:
         self._check_fitted()
         z = as_compute(logits)
         _check_len(z.shape[1], self.class_mean_.numel())
-        mu = self.class_mean_.to(z).view(1, -1, 1, 1)
-        sd = self.class_std_.to(z).view(1, -1, 1, 1)
-        return (z - mu) / sd
+        inv = (1.0 / self.class_std_).to(z).view(1, -1, 1, 1)
+        return torch.addcmul((-self.class_mean_ / self.class_std_).to(z).view(1, -1, 1, 1), z, inv)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "class_mean_"):
