@@ -83,7 +83,10 @@ def _run_once(method: str, pool, n_images: int) -> float:
     return time.perf_counter() - t0
 
 
-def _child(method: str, n_images: int, repeats: int) -> None:
+def _child(method: str, n_images: int, repeats: int, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
     import netcal.metrics  # noqa: F401  (imports outside the timed region)
     import torchmetrics.classification  # noqa: F401
 
@@ -103,20 +106,23 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[8, 32], help="numbers of images (multiples of 4)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per method (1 gives stable numbers on a shared machine)")
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        _child(args.child[0], int(args.child[1]), args.repeats)
+        _child(args.child[0], int(args.child[1]), args.repeats, args.threads)
         return
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; images {C}x{H}x{W} float32, "
-          f"batches of {BATCH}, best of {args.repeats}")
+    print(f"torch {torch.__version__}, {args.threads} thread(s) of {torch.get_num_threads()}; "
+          f"images {C}x{H}x{W} float32, batches of {BATCH}, best of {args.repeats}")
     rows = {}
     for n in args.n:
         for method in args.methods:
             res = subprocess.run([sys.executable, __file__, "--child", method, str(n), "--repeats",
-                                  str(args.repeats)], capture_output=True, text=True, check=True)
+                                  str(args.repeats), "--threads", str(args.threads)],
+                                 capture_output=True, text=True, check=True)
             r = json.loads(res.stdout.strip().splitlines()[-1])
             r["mpx_s"] = n * H * W / r["seconds"] / 1e6
             rows[(method, n)] = r
