@@ -239,3 +239,13 @@ def test_selective_mis_temperature_override_and_base_composition() -> None:
         SelectiveScaling(VectorScaling(), epochs=1).fit(z, y)
     with pytest.raises(ValueError, match="mis_temperature"):
         SelectiveScaling(mis_temperature=-1.0).fit(z, y)
+
+
+def test_prob_logit_is_exact_and_stable() -> None:
+    from segcal.calibrators._binning import prob_logit
+
+    z = torch.randn(3, 5, 4, 4, dtype=torch.float64) * 30
+    z[0, 1] = z[0, 2]  # ties at the top
+    ref = torch.stack([z[:, k] - torch.logsumexp(torch.cat([z[:, :k], z[:, k + 1:]], 1), 1) for k in range(5)], 1)
+    torch.testing.assert_close(prob_logit(z, 1), ref)
+    torch.testing.assert_close(prob_logit(z.float(), 1).double(), ref, atol=1e-4, rtol=1e-6)
