@@ -145,7 +145,9 @@ def test_void_as_ood_end_to_end_with_an_informative_condition():
 def test_save_load_round_trip_and_determinism(data, tmp_path):
     batches, (zt, _yt, ft) = data
     kw = dict(variant="c", epochs=1, warmup_steps=2, seed=7, patch_size=8, patches_per_image=2, max_pixels=300)
-    a = FlowEneDet(**kw).fit(batches)
+    seen = []
+    a = FlowEneDet(**kw).fit(batches, callback=seen.append)
+    assert [d["step"] for d in seen] == list(range(1, len(batches) + 1)) and seen[0]["lr"] == pytest.approx(5e-4)
     b = FlowEneDet(**kw).fit(lambda: iter(batches))
     c = FlowEneDet(**{**kw, "seed": 8}).fit(batches)
     sa = a.score(zt, ft)

@@ -14,6 +14,7 @@ invertibility and against the autograd Jacobian instead.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -416,12 +417,14 @@ class FlowEneDet:
         return (crop(u, 1, ph, pw), None if cond is None else crop(cond, d, ch, cw), crop(t, 1, ph, pw),
                 crop(w, 1, ph, pw))
 
-    def fit(self, batches: BatchSource) -> FlowEneDet:
+    def fit(self, batches: BatchSource, *, callback: Callable[[dict[str, float]], None] | None = None
+            ) -> FlowEneDet:
         """Stream ``batches``: a ``LogitsStore`` (streamed with features for FED-C), or batches of
         ``LogitsStore.batches(...)`` dicts / ``(logits, target[, features])`` tuples.
 
         Needs ``epochs`` passes (+1 when ``sml`` is None): give a re-iterable (list) or a zero-arg callable returning
-        a fresh iterator. Returns self.
+        a fresh iterator. ``callback``, if given, is called after every optimiser step with ``{"epoch", "step",
+        "loss", "lr"}`` (progress bars, logging). Returns self.
         """
         batches = from_store(batches, features=self.variant == "c")
         passes = self.epochs + (self.sml is None)
@@ -463,6 +466,8 @@ class FlowEneDet:
                     opt.step()
                     step += 1
                     total, count = total + float(loss.detach()), count + 1
+                    if callback is not None:
+                        callback({"epoch": epoch, "step": step, "loss": float(loss.detach()), "lr": lr})
                 if count == 0 and epoch == 0:
                     raise ValueError("`batches` is empty (or has no pixel to train on)")
                 history.append(total / max(count, 1))
