@@ -415,8 +415,8 @@ class CalibrationMetrics(Metric):
         Args:
             region: ``None`` for all valid pixels, or ``"boundary"`` / ``"interior"`` (needs ``boundary_width``).
         """
-        if region is None:
-            return _reliability(self._states(), self._cfg)
-        if self._cfg.boundary_width is None or region not in ("boundary", "interior"):
+        if region is not None and (self._cfg.boundary_width is None or region not in ("boundary", "interior")):
             raise ValueError(f"`region` must be None, or 'boundary'/'interior' with boundary_width set, got {region!r}")
-        return _reliability(self._states(), self._cfg, 1 if region == "boundary" else 0)
+        # Like compute(): under DDP, read the states summed over all processes.
+        with self.sync_context(should_sync=self._to_sync, should_unsync=self._should_unsync):
+            return _reliability(self._states(), self._cfg, None if region is None else int(region == "boundary"))

@@ -248,7 +248,8 @@ class DetectionMetrics(Metric):
 
     def curves(self) -> dict[str, Tensor]:
         """ROC (``fpr``, ``tpr``, starting at (0, 0)) and PR (``recall``, ``precision``) points, one per bin."""
-        return _curves(*self._counts())
+        with self.sync_context(should_sync=self._to_sync, should_unsync=self._should_unsync):
+            return _curves(*self._counts())
 
 
 def _cat(x: list[Tensor] | Tensor, dtype: torch.dtype) -> Tensor:
