@@ -3,6 +3,7 @@
 Methods, each fed N images of realistic 11 x 360 x 480 float32 logits in batches of 4:
   softmax+max   bare ``softmax(1).max(1)`` pass: the floor every metric pays
   segcal        ``CalibrationMetrics`` full suite (ece, mce, ace, cw_ece, nll, brier, oe, miou, image_ece)
+  segcal-no-cw  the same with ``classwise=False`` (everything but cw_ece)
   torchmetrics  ``MulticlassCalibrationError`` (ECE only; keeps every pixel's confidence)
   netcal        ``netcal.metrics.ECE`` (needs all (P, C) probabilities at once)
 
@@ -24,7 +25,7 @@ import sys
 import time
 
 C, H, W, BATCH, POOL = 11, 360, 480, 4, 4
-METHODS = ["softmax+max", "segcal", "torchmetrics", "netcal"]
+METHODS = ["softmax+max", "segcal", "segcal-no-cw", "torchmetrics", "netcal"]
 
 
 def _pool(seed: int = 0):
@@ -53,10 +54,10 @@ def _run_once(method: str, pool, n_images: int) -> float:
     if method == "softmax+max":
         for logits, _ in batches:
             torch.softmax(logits, 1).max(1)
-    elif method == "segcal":
+    elif method in ("segcal", "segcal-no-cw"):
         from segcal.metrics import CalibrationMetrics
 
-        m = CalibrationMetrics(C)
+        m = CalibrationMetrics(C, classwise=method == "segcal")
         for logits, target in batches:
             m.update(logits, target)
         m.compute()

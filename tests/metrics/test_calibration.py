@@ -151,3 +151,14 @@ def test_camvid_labels_against_reference(camvid_labels):
         if k != "ace":
             tol = MCE_TOL[torch.float32] if k == "mce" else 2e-6
             assert float(out[k]) == pytest.approx(ref[k], abs=tol), k
+
+
+def test_classwise_off_gives_same_values_without_cw():
+    logits, target = _data(seed=13)
+    a, b = CalibrationMetrics(5), CalibrationMetrics(5, classwise=False)
+    a.update(logits, target)
+    b.update(logits, target)
+    oa, ob = a.compute(), b.compute()
+    assert "cw_ece" not in ob
+    for k in ob:
+        assert torch.equal(oa[k], ob[k]) or (torch.isnan(oa[k]).all() and torch.isnan(ob[k]).all()), k

@@ -357,6 +357,8 @@ class CalibrationMetrics(Metric):
         boundary_width: if set, also report ``boundary_ece`` / ``interior_ece`` for pixels within this Chebyshev
             distance of a different valid label (see :func:`segcal.metrics.boundary.boundary_mask`).
         ace_resolution: number of bins of the adaptive-ECE fine histogram (on ``t = -log2(1 - c)``).
+        classwise: compute ``cw_ece`` (the only part that touches all C probabilities of every pixel after the
+            softmax; ``False`` roughly halves the update cost).
 
     Shape:
         - preds: :math:`(N, C, H, W)` float (float16/bfloat16 accepted)
@@ -386,10 +388,11 @@ class CalibrationMetrics(Metric):
 
     def __init__(self, num_classes: int, n_bins: int = 15, ignore_index: int | None = 255, input: str = "logits",
                  exclude_classes: Iterable[int] | None = None, boundary_width: int | None = None,
-                 ace_resolution: int = 2**16, **kwargs: object) -> None:
+                 ace_resolution: int = 2**16, classwise: bool = True, **kwargs: object) -> None:
         super().__init__(**kwargs)
         self._cfg = _make_config(num_classes, n_bins, ignore_index, input, exclude_classes, boundary_width,
-                                 ace_resolution)
+                                 ace_resolution, bool(classwise))
+        self.classwise = bool(classwise)
         self.num_classes, self.n_bins, self.ignore_index, self.input = num_classes, n_bins, ignore_index, input
         self.exclude_classes, self.boundary_width = self._cfg.exclude_classes, boundary_width
         self.ace_resolution = ace_resolution
