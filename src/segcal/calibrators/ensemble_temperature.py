@@ -10,6 +10,14 @@ from torch import Tensor
 from segcal.calibrators._base import BatchSource, Calibrator, pixel_chunks, streaming_lbfgs
 from segcal.calibrators.temperature import TemperatureScaling
 
+_FLOOR = 1e-3
+
+
+def _mix(a: Tensor) -> Tensor:
+    """Simplex weights with w1 + w2 ≥ 1e-3, so a fit that wants pure uniform output still keeps the argmax."""
+    floor = torch.tensor([0.5, 0.5, 0.0], dtype=a.dtype) * _FLOOR
+    return torch.softmax(a, 0) * (1 - _FLOOR) + floor
+
 
 class EnsembleTemperatureScaling(Calibrator):
     r"""Ensemble temperature scaling: a mixture of the tempered, the original and the uniform distribution.
@@ -19,8 +27,9 @@ class EnsembleTemperatureScaling(Calibrator):
 
     As in the reference implementation, T is first fitted by :class:`TemperatureScaling`, then the weights minimise the
     NLL (convex in w) by streaming L-BFGS over a softmax parameterisation ``w = softmax(a)`` — so they stay on the
-    simplex by construction. ``transform`` returns ``log p`` (a valid logit vector). Every component is monotone in
-    z, so the argmax is preserved.
+    simplex by construction; ``w1 + w2 ≥ 1e-3`` so that degenerate data (uniform weight → 1) cannot erase the
+    prediction. ``transform`` returns ``log p`` (a valid logit vector). Every component is monotone in z, so the argmax
+    is preserved.
 
     Args:
         ignore_index: label excluded from fitting.
@@ -67,11 +76,11 @@ class EnsembleTemperatureScaling(Calibrator):
             comp = torch.stack([torch.log_softmax(z / t, 1).gather(1, idx).squeeze(1),
                                 torch.log_softmax(z, 1).gather(1, idx).squeeze(1),
                                 torch.full_like(y, -math.log(z.shape[1]), dtype=z.dtype)], 1)
-            return -torch.logsumexp(comp + torch.log_softmax(a, 0), 1).sum()
+            return -torch.logsumexp(comp + _mix(a).log(), 1).sum()
 
         self.nll_ = streaming_lbfgs([a], loss_sum, chunks, max_iter=self.max_iter, reduce=self._all_reduce)
         self.temperature_ = t
-        self.weights_ = torch.softmax(a.detach(), 0).float()
+        self.weights_ = _mix(a.detach()).float()
 
     def _transform(self, z: Tensor, images: Tensor | None) -> Tensor:
         lw = self.weights_.to(z.dtype).clamp_min(1e-30).log()
