@@ -197,6 +197,51 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------- detect
+def _add_detect(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="espnet-camvid", help="model name or checkpoint path")
+    p.add_argument("--detector", required=True,
+                   help="msp, max_logit, entropy, energy, sml, flowenedet-u, flowenedet-c, selective")
+    p.add_argument("--detector-file", help="a fitted detector (FlowEneDet.save) or calibrator (selective) file; "
+                                           "default: the one shipped for --model")
+    p.add_argument("--images", required=True, help="folder of images (any size)")
+    p.add_argument("--out", required=True, help="output folder: <stem>.npy float16 score maps (H, W)")
+
+
+def _load_detector(name: str, model_name: str, path: str | None) -> Any:
+    from segcal import detectors
+
+    key = name.lower().replace("_", "-")
+    if key in ("msp", "max-logit", "entropy", "energy"):
+        return detectors.get_detector(name)
+    if key == "selective":
+        if not path:
+            raise ValueError("--detector selective needs --detector-file: a SelectiveScaling file from "
+                             "`segcal fit --calibrator selective`")
+        from segcal.calibrators import load as load_calibrator
+
+        return detectors.SelectiveDetector(load_calibrator(path))
+    if key.startswith("flowenedet"):
+        if path:
+            return detectors.FlowEneDet.load(path)
+        return detectors.load_pretrained(Path(model_name).stem, variant=key[-1])
+    if key == "sml":
+        if path:
+            return detectors.StandardizedMaxLogit.load(path)
+        return detectors.load_pretrained_sml(Path(model_name).stem)
+    return detectors.get_detector(name)
+
+
+def _run_detect(args: argparse.Namespace) -> int:
+    from segcal import models
+    from segcal.engine.detect import detect_folder
+
+    detector = _load_detector(args.detector, args.model, args.detector_file)
+    paths = detect_folder(models.load(args.model), detector, args.images, args.out)
+    print(f"{len(paths)} score maps in {args.out}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ benchmark / demo
 def _add_benchmark(p: argparse.ArgumentParser) -> None:
     from segcal.engine.benchmark import ALL_CALIBRATORS, ALL_CORRUPTIONS, ALL_DETECTORS
@@ -258,11 +303,11 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 _ADD_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "train": _add_train, "predict": _add_predict, "fit": _add_fit, "evaluate": _add_evaluate, "report": _add_report,
-    "benchmark": _add_benchmark, "demo": _add_demo,
+    "benchmark": _add_benchmark, "demo": _add_demo, "detect": _add_detect,
 }
 _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": _run_train, "predict": _run_predict, "fit": _run_fit, "evaluate": _run_evaluate, "report": _run_report,
-    "benchmark": _run_benchmark, "demo": _run_demo,
+    "benchmark": _run_benchmark, "demo": _run_demo, "detect": _run_detect,
 }
 
 
@@ -289,6 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(handler(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
+        if os.environ.get("SEGCAL_DEBUG"):
+            raise
         print(f"segcal {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

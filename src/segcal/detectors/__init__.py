@@ -13,7 +13,13 @@ from segcal.detectors.max_logit import MaxLogit, max_logit
 from segcal.detectors.msp import MSP, msp
 from segcal.detectors.registry import DETECTORS, get_detector
 from segcal.detectors.selective import SelectiveDetector
-from segcal.detectors.sml import SMLStatistics, StandardizedMaxLogit, fit_sml_statistics, standardized_max_logit
+from segcal.detectors.sml import (
+    SMLStatistics,
+    StandardizedMaxLogit,
+    fit_sml_statistics,
+    load_pretrained_sml,
+    standardized_max_logit,
+)
 
 __all__ = [
     "DETECTORS",
@@ -30,6 +36,7 @@ __all__ = [
     "fit_sml_statistics",
     "get_detector",
     "load_pretrained",
+    "load_pretrained_sml",
     "max_logit",
     "msp",
     "standardized_max_logit",

@@ -7,7 +7,9 @@ the catastrophic cancellation of ``E[x²] − E[x]²`` when logits are large and
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from importlib import resources
 from typing import Any
 
 import torch
@@ -243,3 +245,27 @@ class StandardizedMaxLogit(nn.Module):
 
     def score(self, logits: Tensor, features: Tensor | None = None) -> Tensor:
         return self.forward(logits)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the class statistics (a plain dict, loadable with ``weights_only=True``)."""
+        if not hasattr(self, "class_mean_"):
+            raise RuntimeError("StandardizedMaxLogit is not fitted: nothing to save")
+        torch.save({"kind": "sml", "class_mean": self.class_mean_, "class_std": self.class_std_,
+                    "ignore_index": self.ignore_index}, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> StandardizedMaxLogit:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("kind") != "sml":
+            raise ValueError(f"{path} is not a saved StandardizedMaxLogit")
+        return cls(state["class_mean"], state["class_std"], ignore_index=state["ignore_index"])
+
+
+def load_pretrained_sml(name: str) -> StandardizedMaxLogit:
+    """SML statistics shipped in ``segcal/assets/sml-<name>.pt`` (training-split statistics of that model)."""
+    target = resources.files("segcal") / "assets" / f"sml-{name}.pt"
+    if not target.is_file():
+        raise FileNotFoundError(f"no shipped SML statistics 'sml-{name}.pt' in segcal/assets; fit them with "
+                                "StandardizedMaxLogit().fit(store) and pass --detector-file")
+    with resources.as_file(target) as p:
+        return StandardizedMaxLogit.load(p)
