@@ -3,9 +3,9 @@
     python scripts/fit_detector_assets.py --cache cache
 
 Needs the logits stores of ``segcal predict`` (created here when missing): CamVid train (SML statistics, as in the
-SML and FlowEneDet papers; shared by both detectors) and CamVid val with decoder features (FlowEneDet: val errors resemble test errors far more than the
-~3 % training errors do; test is never touched). Deterministic (seed 0). Output: ``sml-espnet-camvid.pt`` and
-``flowenedet-{u,c}-espnet-camvid.pt`` (~70 kB each).
+SML and FlowEneDet papers; shared by both detectors) and CamVid val with decoder features (FlowEneDet is fit on
+val: its errors resemble test errors far more than the ~3 % training errors do; test is never touched).
+Deterministic (seed 0). Output: ``sml-espnet-camvid.pt`` and ``flowenedet-{u,c}-espnet-camvid.pt`` (~70 kB each).
 """
 
 from __future__ import annotations
