@@ -260,13 +260,14 @@ def mean_step_time(run_dir: Path) -> float:
     return sum(r["step_time_mean"] * r["steps"] for r in h if r.get("steps")) / steps if steps else float("nan")
 
 
-def val_metrics(run: Run, run_dir: Path, model: nn.Module, val_data: Any, n_bins: int) -> dict[str, Any]:
+def val_metrics(name: str, run_dir: Path, make_model: Any, val_data: Any, n_bins: int) -> dict[str, Any]:
+    """Val metrics of a run (cached in ``run_dir/val.json``)."""
     path = run_dir / "val.json"
     cached = read_json(path)
     if cached is not None:
         return cached
-    log(f"val {run.name}")
-    out = evaluate_in_memory(model, val_data, n_bins)
+    log(f"val {name}")
+    out = evaluate_in_memory(make_model(), val_data, n_bins)
     write_json(path, out)
     return out
 
@@ -378,6 +379,12 @@ def main_table(res: dict[str, Any]) -> str:
     lines = ["| loss (chosen on val) | mIoU | pixel acc. | ECE | CW-ECE | NLL | Brier | boundary ECE | "
              "step time × CE (log) | fwd+bwd × CE (full res) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    ref = res.get("reference")
+    if ref and ref.get("test"):
+        t = ref["test"]
+        cells = [fmt(t["miou"], True), fmt(t["accuracy"], True), fmt(t["ece"]), fmt(t["cw_ece"]), fmt(t["nll"]),
+                 fmt(t["brier"]), fmt(t.get("boundary_ece")), "–", "–"]
+        lines.append(f"| *{ref['label']}* | " + " | ".join(cells) + " |")
     for fam, r in rows.items():
         t = r.get("test")
         if t is None:
@@ -394,6 +401,10 @@ def main_table(res: dict[str, Any]) -> str:
 def grid_table(res: dict[str, Any]) -> str:
     lines = ["| run | family | val mIoU | val ECE | val CW-ECE | chosen |", "|---|---|---:|---:|---:|:-:|"]
     chosen = {v["run"] for v in res.get("selection", {}).values()}
+    ref = (res.get("reference") or {}).get("val")
+    if ref:
+        lines.append(f"| *pretrained (reference)* | – | {fmt(ref['miou'], True)} | {fmt(ref['ece'])} | "
+                     f"{fmt(ref.get('cw_ece'))} | |")
     for name, v in res.get("val", {}).items():
         lines.append(f"| {name} | {v['family']} | {fmt(v['miou'], True)} | {fmt(v['ece'])} | "
                      f"{fmt(v.get('cw_ece'))} | {'✓' if name in chosen else ''} |")
@@ -403,7 +414,10 @@ def grid_table(res: dict[str, Any]) -> str:
 def binary_table(res: dict[str, Any]) -> str:
     lines = ["| loss | pixel acc. | ECE (10 bins) | OE | NLL | Brier | Car IoU |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in res.get("binary", {}).values():
+    rows = list(res.get("binary", {}).values())
+    if res.get("binary_reference"):
+        rows.insert(0, {**res["binary_reference"], "label": f"*{res['binary_reference']['label']}*"})
+    for r in rows:
         t = r.get("test")
         if t is None:
             continue
@@ -444,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--miou-tol", type=float, default=0.01, help="selection: val mIoU ≥ CE's − this")
     ap.add_argument("--only", nargs="*", default=None, help="restrict to these run names")
     ap.add_argument("--no-binary", action="store_true")
+    ap.add_argument("--no-pretrained", action="store_true", help="skip the not-fine-tuned reference rows")
     ap.add_argument("--timing-repeats", type=int, default=3, help="0 skips the clean timing")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -479,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in main_runs:
         run_dir = out / "grid" / run.name
         model = train_run(run, run_dir, train, cfg)
-        v = val_metrics(run, run_dir, model, val, n_bins=15)
+        v = val_metrics(run.name, run_dir, lambda m=model: m, val, n_bins=15)
         res["val"][run.name] = {**v, "family": run.family, "step_time": mean_step_time(run_dir)}
         write_json(res_path, res)
         del model
@@ -500,10 +515,28 @@ def main(argv: list[str] | None = None) -> int:
                             "step_time": res["val"][run.name]["step_time"]}
         write_json(res_path, res)
 
+    # reference: the published weights without fine-tuning (no last.pt in its folder, so not a "run")
+    if not args.no_pretrained:
+        ref_dir = out / "reference" / "pretrained"
+        v = val_metrics("pretrained", ref_dir, lambda: load("espnet-camvid").eval(), val, n_bins=15)
+        t = test_metrics("pretrained", ref_dir, lambda: load("espnet-camvid").eval(), test,
+                         out / "stores" / "pretrained-test", n_bins=15)
+        res["reference"] = {"label": "pretrained ESPNet, not fine-tuned (reference)", "val": v, "test": t}
+        write_json(res_path, res)
+
     # 4. binary task (Car vs rest): BCE, LS-BCE, ASLP
+    btrain, btest = CarVsRest(train), CarVsRest(test)
+    if bin_runs and not args.no_pretrained:
+        ref_dir = out / "reference" / "car-pretrained"
+        store_dir = out / "stores" / "car-pretrained-test"
+        t = test_metrics("car-pretrained", ref_dir, lambda: binary_model().eval(), btest, store_dir, n_bins=10)
+        if "car_iou" not in t:
+            t["car_iou"] = car_iou(store_dir)
+            write_json(ref_dir / "test.json", t)
+        res["binary_reference"] = {"label": "pretrained, not fine-tuned (reference)", "test": t}
+        write_json(res_path, res)
     if bin_runs:
         res.setdefault("binary", {})
-        btrain, btest = CarVsRest(train), CarVsRest(test)
         for run in bin_runs:
             run_dir = out / "binary-car" / run.name
             model = train_run(run, run_dir, btrain, cfg)
