@@ -1,0 +1,104 @@
+"""The `segcal` command: help, predict → fit → evaluate round trip, torchrun-identical JSON, detect on odd sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segcal.cli import COMMANDS, main
+from segcal.models import build_espnet, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path_factory.mktemp("model") / "toy.pt", build_espnet("camvid", num_classes=5,
+                                                                                       name="toy-espnet"))
+
+
+@pytest.fixture(scope="module")
+def labelled_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(0)
+    (root / "img").mkdir()
+    (root / "lbl").mkdir()
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(root / "img" / f"f{i}.png")
+        label = rng.integers(0, 5, (40, 56)).astype(np.uint8)
+        label[:3] = 255
+        Image.fromarray(label).save(root / "lbl" / f"f{i}.png")
+    return root / "img", root / "lbl"
+
+
+def test_help_lists_every_subcommand(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    for name in COMMANDS:
+        assert name in out
+
+
+def test_predict_fit_evaluate_round_trip(tmp_path, checkpoint, labelled_folder, capsys):
+    images, labels = labelled_folder
+    store = tmp_path / "store"
+    assert main(["predict", "--model", str(checkpoint), "--images", str(images), "--labels", str(labels),
+                 "--out", str(store)]) == 0
+    assert main(["fit", "--calibrator", "ts", "--logits", str(store), "--out", str(tmp_path / "ts.pt")]) == 0
+    assert main(["evaluate", "--logits", str(store), "--json", str(tmp_path / "raw.json")]) == 0
+    assert main(["evaluate", "--logits", str(store), "--calibrator", str(tmp_path / "ts.pt"),
+                 "--json", str(tmp_path / "ts.json")]) == 0
+    raw = json.loads((tmp_path / "raw.json").read_text())
+    cal = json.loads((tmp_path / "ts.json").read_text())
+    assert raw["n_images"] == 5 and 0 <= raw["ece"] <= 1
+    assert cal["nll"] <= raw["nll"] + 1e-9  # TS minimises NLL on exactly these pixels
+    assert cal["accuracy"] == raw["accuracy"]  # temperature never changes the argmax
+
+
+def test_bad_input_gives_clear_error_not_traceback(tmp_path, capsys):
+    assert main(["evaluate", "--logits", str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err
+    assert "no logits store" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_torchrun_evaluate_json_identical(tmp_path, checkpoint, labelled_folder):
+    images, labels = labelled_folder
+    store = tmp_path / "store"
+    assert main(["predict", "--model", str(checkpoint), "--images", str(images), "--labels", str(labels),
+                 "--out", str(store)]) == 0
+    assert main(["evaluate", "--logits", str(store), "--json", str(tmp_path / "one.json")]) == 0
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "segcal", "evaluate", "--logits",
+                    str(store), "--json", str(tmp_path / "two.json")], check=True, env=env, cwd=ROOT,
+                   capture_output=True, timeout=180)
+    assert (tmp_path / "one.json").read_text() == (tmp_path / "two.json").read_text()
+
+
+def test_detect_writes_float16_maps_at_each_image_size(tmp_path, checkpoint):
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    sizes = {"a": (37, 61), "b": (64, 48), "c": (9, 13)}
+    for stem, (h, w) in sizes.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{stem}.png")
+    out = tmp_path / "scores"
+    assert main(["detect", "--model", str(checkpoint), "--detector", "energy", "--images", str(folder),
+                 "--out", str(out)]) == 0
+    for stem, hw in sizes.items():
+        score = np.load(out / f"{stem}.npy")
+        assert score.dtype == np.float16 and score.shape == hw and np.isfinite(score).all()
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert main(["detect", "--model", str(checkpoint), "--detector", "energy", "--images", str(folder),
+                 "--out", str(out)]) == 0  # resumed: nothing rewritten
+    assert before == {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
