@@ -55,8 +55,9 @@ def check_target(target: object, num_classes: int, ignore_index: int | None, *, 
                          f"{tuple(shape)}")
     valid = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
     if valid.any():
-        vals = target[valid]
-        lo, hi = int(vals.min()), int(vals.max())
+        # where() instead of target[valid]: boolean indexing compacts a copy and is several times slower.
+        lo = int(torch.where(valid, target, num_classes - 1).min())
+        hi = int(torch.where(valid, target, 0).max())
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"`{name}` has labels outside [0, {num_classes}) that are not ignore_index="
                              f"{ignore_index}: min {lo}, max {hi}")
