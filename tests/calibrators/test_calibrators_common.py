@@ -215,3 +215,19 @@ def test_registry() -> None:
         get_calibrator("nope")
     with pytest.raises(ValueError, match="invalid parameter"):
         get_calibrator("ts").set_params(bogus=1)
+
+
+@pytest.mark.parametrize("name", ["ts", "histogram", "selective"])
+def test_fit_from_logits_store(name: str, tmp_path) -> None:
+    from segcal.data import LogitsStore
+
+    z, y, _ = data(9)
+    store = LogitsStore.create(tmp_path / "store", {"model": "m", "dataset": "toy", "split": "val",
+                                                    "num_classes": 4})
+    for i in range(4):
+        store.write(f"img{i}", z[i], y[i])
+    store.finalize()
+    store = LogitsStore(tmp_path / "store")
+    ref = make(name).fit(z.half().float(), y)  # the store keeps float16 logits
+    for source in (store, lambda: store.batches(batch_size=3)):
+        assert_same_state(make(name).fit(source), ref, atol=1e-4)
