@@ -102,3 +102,18 @@ def test_detect_writes_float16_maps_at_each_image_size(tmp_path, checkpoint):
     assert main(["detect", "--model", str(checkpoint), "--detector", "energy", "--images", str(folder),
                  "--out", str(out)]) == 0  # resumed: nothing rewritten
     assert before == {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+
+def test_evaluate_detection_on_a_store(tmp_path, checkpoint, labelled_folder, capsys):
+    images, labels = labelled_folder
+    store = tmp_path / "store"
+    assert main(["predict", "--model", str(checkpoint), "--images", str(images), "--labels", str(labels),
+                 "--out", str(store)]) == 0
+    assert main(["evaluate-detection", "--logits", str(store), "--detectors", "msp", "entropy",
+                 "--json", str(tmp_path / "det.json")]) == 0
+    res = json.loads((tmp_path / "det.json").read_text())["idm"]
+    assert set(res) == {"msp", "entropy"}
+    for r in res.values():
+        assert 0 <= r["auroc"] <= 1 and 0 <= r["fpr95"] <= 1 and len(r["roc"]) == 2
+    assert main(["evaluate-detection", "--detectors", "msp"]) == 1  # neither --logits nor --anomalies
+    assert "--logits" in capsys.readouterr().err

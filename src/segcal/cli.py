@@ -242,6 +242,48 @@ def _run_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- evaluate-detection
+def _add_evaluate_detection(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--logits", help="labelled logits store: IDM metrics (positive = mispredicted valid pixel)")
+    p.add_argument("--model", default="espnet-camvid", help="model for --anomalies and for shipped detectors")
+    p.add_argument("--anomalies", action="store_true",
+                   help="OOD metrics on CamVid test frames with pasted objects (runs --model on the fly)")
+    p.add_argument("--n-images", type=int, default=40, help="test frames for --anomalies")
+    p.add_argument("--detectors", nargs="+", default=["msp", "max_logit", "entropy", "energy"])
+    p.add_argument("--detector-file", action="append", metavar="NAME=PATH", default=[],
+                   help="fitted detector for NAME (sml / flowenedet-* / selective); default: the shipped one")
+    p.add_argument("--json", help="write the metrics here")
+
+
+def _run_evaluate_detection(args: argparse.Namespace) -> int:
+    from segcal.engine.benchmark import BenchmarkConfig, evaluate_anomalies, evaluate_idm
+
+    if not args.logits and not args.anomalies:
+        raise ValueError("give --logits STORE (error detection) and/or --anomalies (OOD detection)")
+    files = dict(item.split("=", 1) for item in args.detector_file)
+    detectors = {name: _load_detector(name, args.model, files.get(name)) for name in args.detectors}
+    cfg = BenchmarkConfig(out=Path("."), n_shift_images=args.n_images)
+    results: dict[str, Any] = {}
+    if args.logits:
+        from segcal.data import LogitsStore
+
+        results["idm"] = evaluate_idm(LogitsStore(args.logits), detectors, cfg)
+    if args.anomalies:
+        from segcal import models
+        from segcal.data import CamVid
+
+        results["ood_pasted_anomalies"] = evaluate_anomalies(models.load(args.model), CamVid(split="test"),
+                                                             detectors, cfg)
+    for protocol, per_det in results.items():
+        print(f"{protocol}:")
+        for name, r in per_det.items():
+            extra = "".join(f"  {k}={r[k]:.4f}" for k in ("auroc_per_image", "ap_per_image") if r.get(k) is not None)
+            print(f"  {name:<14} auroc={r['auroc']:.4f}  ap={r['ap']:.4f}  fpr95={r['fpr95']:.4f}{extra}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ benchmark / demo
 def _add_benchmark(p: argparse.ArgumentParser) -> None:
     from segcal.engine.benchmark import ALL_CALIBRATORS, ALL_CORRUPTIONS, ALL_DETECTORS
@@ -304,10 +346,12 @@ def _run_demo(args: argparse.Namespace) -> int:
 _ADD_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "train": _add_train, "predict": _add_predict, "fit": _add_fit, "evaluate": _add_evaluate, "report": _add_report,
     "benchmark": _add_benchmark, "demo": _add_demo, "detect": _add_detect,
+    "evaluate-detection": _add_evaluate_detection,
 }
 _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": _run_train, "predict": _run_predict, "fit": _run_fit, "evaluate": _run_evaluate, "report": _run_report,
     "benchmark": _run_benchmark, "demo": _run_demo, "detect": _run_detect,
+    "evaluate-detection": _run_evaluate_detection,
 }
 
 
