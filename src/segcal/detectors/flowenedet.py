@@ -32,7 +32,7 @@ _VERSION = 1
 _LOG_2PI = math.log(2 * math.pi)
 
 
-def flow_input(logits: Tensor, stats: SMLStatistics) -> Tensor:
+def flow_input(logits: Tensor, stats: SMLStatistics, inputs: str = "energy") -> Tensor:
     r"""The 2-channel energy input of FlowEneDet.
 
     .. math:: \check z_c = (z_c-\mu_c)/\sigma_c,\quad E = -\log\sum_c e^{\check z_c},\quad
@@ -40,11 +40,20 @@ def flow_input(logits: Tensor, stats: SMLStatistics) -> Tensor:
 
     computed stably as ``log σ(a) = −softplus(−a)`` and ``log(σ(−a) + 1e−6) = logaddexp(−softplus(a), log 1e−6)``.
 
+    ``inputs="energy+msp"`` (an optional extension, *not* the paper's method) replaces the second channel — a
+    deterministic function of the first, so the faithful input is really one-dimensional — by the log maximum
+    softmax probability of the raw logits, ``log p_max = max_c z_c − logsumexp_c z_c``: the top-1/top-2 margin that
+    makes MSP a strong misclassification score is otherwise absent from ``u``.
+
     Shape:
         logits ``(N, C, H, W)`` → ``(N, 2, H, W)`` float32 (float64 kept).
     """
     a = stats.standardize(logits).logsumexp(dim=1, keepdim=True)  # a = −E
     log_in = -F.softplus(-a)
+    if inputs == "energy+msp":
+        return torch.cat([log_in, logits.amax(dim=1, keepdim=True) - logits.logsumexp(dim=1, keepdim=True)], dim=1)
+    if inputs != "energy":
+        raise ValueError(f"`inputs` must be 'energy' or 'energy+msp', got {inputs!r}")
     log_out = torch.logaddexp(-F.softplus(a), torch.full_like(a, math.log(1e-6)))
     return torch.cat([log_in, log_out], dim=1)
 
@@ -296,6 +305,8 @@ class FlowEneDet:
         max_pixels: keep at most this many randomly chosen pixels per batch in the loss; ``None`` = all.
         sml: precomputed :class:`SMLStatistics`; ``None`` = estimated with one extra pass over the training batches.
         seed: seeds the initialisation, sampling and dropout.
+        inputs: ``"energy"`` (default, the paper's 2-channel energy input) or ``"energy+msp"`` — an optional,
+            non-paper extension whose second channel is the log maximum softmax probability (see :func:`flow_input`).
 
     Attributes:
         net_: the fitted :class:`EnergyFlow`. sml_: the SML statistics used. num_classes_, feature_channels_,
@@ -320,7 +331,7 @@ class FlowEneDet:
                  epochs: int = 4, lr: float = 1e-3, weight_decay: float = 1e-2, warmup_steps: int = 50,
                  decay_epochs: tuple[int, ...] | None = None, decay_gamma: float = 0.1, patch_size: int | None = None,
                  patches_per_image: int = 1, max_pixels: int | None = None, sml: SMLStatistics | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, inputs: str = "energy") -> None:
         if variant not in ("u", "c"):
             raise ValueError(f"`variant` must be 'u' (energy only) or 'c' (feature-conditioned), got {variant!r}")
         for name, val in (("n_blocks", n_blocks), ("hidden_channels", hidden_channels),
@@ -331,6 +342,8 @@ class FlowEneDet:
         for name, val in (("patch_size", patch_size), ("max_pixels", max_pixels)):
             if val is not None and (not isinstance(val, int) or val < 1):
                 raise ValueError(f"`{name}` must be None or a positive integer, got {val!r}")
+        if inputs not in ("energy", "energy+msp"):
+            raise ValueError(f"`inputs` must be 'energy' (the paper's) or 'energy+msp' (extension), got {inputs!r}")
         if not 0 <= dropout < 1:
             raise ValueError(f"`dropout` must be in [0, 1), got {dropout}")
         if not lr > 0:
@@ -343,13 +356,13 @@ class FlowEneDet:
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.decay_epochs = None if decay_epochs is None else tuple(int(e) for e in decay_epochs)
         self.decay_gamma, self.patch_size, self.patches_per_image = decay_gamma, patch_size, patches_per_image
-        self.max_pixels, self.sml, self.seed = max_pixels, sml, seed
+        self.max_pixels, self.sml, self.seed, self.inputs = max_pixels, sml, seed, inputs
 
     # ---------------------------------------------------------------- helpers
     def _config(self) -> dict[str, Any]:
         keys = ("variant", "n_blocks", "hidden_channels", "cond_channels", "downsample", "dropout", "void_as_ood",
                 "ignore_index", "epochs", "lr", "weight_decay", "warmup_steps", "decay_epochs", "decay_gamma",
-                "patch_size", "patches_per_image", "max_pixels", "seed")
+                "patch_size", "patches_per_image", "max_pixels", "seed", "inputs")
         return {k: getattr(self, k) for k in keys}
 
     def _condition(self, features: Tensor | None, n: int, size: tuple[int, int], *, fitting: bool) -> Tensor | None:
@@ -381,7 +394,7 @@ class FlowEneDet:
         if fitting and hasattr(self, "num_classes_") and logits.shape[1] != self.num_classes_:
             raise ValueError(f"`logits` has C={logits.shape[1]} classes but earlier batches had {self.num_classes_}")
         n, _, h, w = logits.shape
-        u = flow_input(logits.float(), self.sml_)
+        u = flow_input(logits.float(), self.sml_, self.inputs)
         cond = self._condition(features, n, low_res((h, w), self.downsample), fitting=fitting)
         if target is None:
             return u, cond, None, None
