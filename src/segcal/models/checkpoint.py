@@ -105,5 +105,9 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> Seg
     model = ARCHITECTURES[arch](**ckpt["arch_config"])
     model.load_state_dict(ckpt["state_dict"], strict=True)
     model.name = ckpt.get("name", model.name)
-    model.class_names = list(ckpt["class_names"])
+    names = list(ckpt["class_names"])
+    if len(names) != model.num_classes:
+        raise ValueError(f"checkpoint lists {len(names)} class names but its {arch} model has {model.num_classes} "
+                         "outputs (a custom head saved with the base model's weights?)")
+    model.class_names = names
     return model.eval().to(device)
