@@ -288,7 +288,8 @@ class ASLP(nn.Module):
         beta: perturbation magnitude; ``None`` means 2.0 (binary, released code) or ``β' = 1.0`` (multi-class).
         eta: α step size.
         lam: weight of the accuracy constraint.
-        warmup_epochs: epochs without α updates.
+        warmup_epochs: epochs without α updates (released code: 5). α only moves when an image is seen again, so a
+            schedule of a few epochs leaves ASLP equal to its base loss — lower this for short fine-tuning.
         multiclass: use segcal's multi-class extension (:func:`sc_ce`, ``(B, C, H, W)`` logits).
         seed: seed of the Bernoulli draws.
         ignore_index: label excluded from loss and update.
