@@ -377,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(handler(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
+    except (ValueError, TypeError, KeyError, OSError) as err:
         if os.environ.get("SEGCAL_DEBUG"):
             raise
         print(f"segcal {args.command}: error: {err}", file=sys.stderr)

@@ -16,8 +16,11 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", "
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """An image file as uint8 RGB ``(H, W, 3)`` (grey / palette / RGBA images are converted)."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except (OSError, SyntaxError) as err:  # PIL raises these for truncated / non-image files
+        raise ValueError(f"cannot read image {path}: {err}") from err
 
 
 def read_label(path: str | os.PathLike) -> np.ndarray:
