@@ -137,6 +137,7 @@ class SeverityDisplay:
             sev = sorted(int(s) for s in by_sev)
             ax.plot(sev, [by_sev[s] if s in by_sev else by_sev[str(s)] for s in sev], "o-", ms=3, lw=1.2,
                     label=name)
+        ax.set_xticks(sorted({int(s) for by_sev in self.series.values() for s in by_sev}))
         ax.set_xlabel("corruption severity (0 = clean)")
         ax.set_ylabel(self.metric)
         ax.set_title(self.title, fontsize=9)

@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from segcal.report.displays import CurveDisplay, PerClassDisplay, ReliabilityDisplay, SeverityDisplay
 
 LOWER_IS_BETTER = {"ece", "mce", "ace", "cw_ece", "nll", "brier", "oe", "image_ece", "boundary_ece",
@@ -146,16 +148,35 @@ def _detection_section(results: Mapping[str, Any]) -> list[str]:
 
 
 def _shift_section(results: Mapping[str, Any]) -> list[str]:
+    """Severity curves: per metric family (ECE per calibrator, IDM AUROC per detector) averaged over corruptions,
+    plus the uncalibrated ECE per corruption."""
     shift = results.get("shift") or {}
     if not shift:
         return []
-    parts = ["<h2>Domain shift (corruption severity)</h2>"]
-    metrics = sorted({m for by_sev in shift.values() for vals in by_sev.values() for m in vals})
+    parts = ["<h2>Domain shift (corruption severity)</h2>",
+             f'<p class="note">Corruptions: {html.escape(", ".join(shift))}; severity 0 = clean frames. '
+             "Curves average over corruptions unless the legend names a corruption.</p>"]
+    keys = sorted({k for by_sev in shift.values() for vals in by_sev.values() for k in vals})
+    families: dict[str, list[str]] = {}
+    for key in keys:
+        family = key.rpartition(" ")[0] if " " in key else key
+        families.setdefault(family, []).append(key)
     figs = []
-    for metric in metrics:
-        series = {c: {int(s): v[metric] for s, v in by_sev.items() if metric in v} for c, by_sev in shift.items()}
-        disp = SeverityDisplay(series, metric, f"{metric} vs severity").plot()
-        figs.append(_figure(_fig_to_data_uri(disp.figure_), f"{metric} vs corruption severity", 420))
+    for family, members in families.items():
+        series = {}
+        for key in members:
+            label = key[len(family):].strip() or key
+            sevs = sorted({int(s) for by_sev in shift.values() for s in by_sev})
+            series[label] = {s: float(np.mean([by_sev[str(s)][key] for by_sev in shift.values()
+                                                if str(s) in by_sev and by_sev[str(s)].get(key) is not None]))
+                             for s in sevs}
+        disp = SeverityDisplay(series, family, f"{family} vs severity (mean over corruptions)").plot()
+        figs.append(_figure(_fig_to_data_uri(disp.figure_), f"{family} vs corruption severity", 420))
+    if "ECE uncalibrated" in keys:
+        per_corruption = {c: {int(s): v["ECE uncalibrated"] for s, v in by_sev.items() if "ECE uncalibrated" in v}
+                          for c, by_sev in shift.items()}
+        disp = SeverityDisplay(per_corruption, "ECE (uncalibrated)", "uncalibrated ECE per corruption").plot()
+        figs.append(_figure(_fig_to_data_uri(disp.figure_), "uncalibrated ECE per corruption", 420))
     parts.append('<div class="grid">' + "".join(figs) + "</div>")
     return parts
 
