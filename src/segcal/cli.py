@@ -317,7 +317,7 @@ def _run_benchmark(args: argparse.Namespace) -> int:
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-out")
-    p.add_argument("--n-images", type=int, default=24, help="evenly spaced frames per split")
+    p.add_argument("--n-images", type=int, default=16, help="evenly spaced frames per split")
     p.add_argument("--synthetic", action="store_true", help="force the synthetic fallback")
     p.add_argument("--cache", default="cache")
 

@@ -60,6 +60,7 @@ class BenchmarkConfig:
     n_shift_images: int | None = 40
     n_examples: int = 3
     anomalies: bool = True
+    pretrained_detectors: bool = False
     checkpoints: Path | None = None
     method_kwargs: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(BENCHMARK_KWARGS))
     batch_size: int = 4
@@ -258,29 +259,49 @@ def evaluate_checkpoints(cfg: BenchmarkConfig) -> dict[str, dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------------- detection
-def fit_detectors(names: Sequence[str], fit_store: LogitsStore, sml_store: LogitsStore, cfg: BenchmarkConfig,
-                  selective: Any = None) -> tuple[dict[str, Any], dict[str, float]]:
-    """Fit the learned detectors: SML statistics on training logits, FlowEneDet on validation logits + features."""
-    from segcal.detectors import get_detector
+def fit_detectors(names: Sequence[str], fit_store: LogitsStore, sml_store: LogitsStore | None,
+                  cfg: BenchmarkConfig, selective: Any = None) -> tuple[dict[str, Any], dict[str, float]]:
+    """Fit the learned detectors: SML statistics on training logits (shared with FlowEneDet's input transform, as
+    in both papers), FlowEneDet on validation logits + features (never test)."""
+    from segcal.detectors import StandardizedMaxLogit, fit_sml_statistics, get_detector
 
     fitted, times = {}, {}
+    stats = None
     for name in names:
-        kwargs = dict(cfg.method_kwargs.get(name, {}))
         start = time.perf_counter()
         if name == "selective":
             if selective is None:
                 continue
-            det = get_detector(name, calibrator=selective)
+            fitted[name] = get_detector(name, calibrator=selective)
+        elif cfg.pretrained_detectors and (shipped := _shipped_detector(name, cfg.model)) is not None:
+            fitted[name] = shipped
+        elif name == "sml" or name.startswith("flowenedet"):
+            if stats is None and sml_store is not None:
+                stats = fit_sml_statistics(lambda: sml_store.batches(cfg.batch_size))
+            if name == "sml":
+                fitted[name] = StandardizedMaxLogit(stats.class_mean_, stats.class_std_)
+            else:
+                torch.manual_seed(cfg.seed)
+                det = get_detector(name, sml=stats, **cfg.method_kwargs.get(name, {}))
+                fitted[name] = det.fit(lambda: fit_store.batches(cfg.batch_size, features=True))
         else:
-            det = get_detector(name, **kwargs)
-        if name == "sml":
-            det.fit(lambda: sml_store.batches(cfg.batch_size))
-        elif name.startswith("flowenedet"):
-            torch.manual_seed(cfg.seed)
-            det.fit(lambda: fit_store.batches(cfg.batch_size, features=True))
+            fitted[name] = get_detector(name, **cfg.method_kwargs.get(name, {}))
         times[name] = time.perf_counter() - start
-        fitted[name] = det
     return fitted, times
+
+
+def _shipped_detector(name: str, model: str) -> Any:
+    """The detector fitted for ``model`` that ships with segcal (``segcal/assets``), or None."""
+    from segcal import detectors
+
+    try:
+        if name == "sml":
+            return detectors.load_pretrained_sml(model)
+        if name.startswith("flowenedet-"):
+            return detectors.load_pretrained(model, variant=name[-1])
+    except FileNotFoundError:
+        return None
+    return None
 
 
 def _new_detection_metrics(per_image: bool) -> DetectionMetrics:
@@ -483,7 +504,9 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
     _log(f"logits of {cfg.model} on val / test / train (cached under {cfg.cache})", cfg)
     val_store, val_set = cached_store(model, cfg.model, "val", cfg)
     test_store, test_set = cached_store(model, cfg.model, "test", cfg)
-    train_store, _ = cached_store(model, cfg.model, "train", cfg, features=False)
+    needs_train = any(d == "sml" or d.startswith("flowenedet") for d in cfg.detectors
+                      if not (cfg.pretrained_detectors and _shipped_detector(d, cfg.model)))
+    train_store = cached_store(model, cfg.model, "train", cfg, features=False)[0] if needs_train else None
 
     _log(f"fitting calibrators {list(cfg.calibrators)} on val", cfg)
     calibrators, timings["calibrator_fit_s"] = fit_calibrators(cfg.calibrators, val_store, val_set, cfg)
@@ -579,7 +602,7 @@ def real_data_available() -> bool:
     return (root / "camvid" / "val").is_dir() and (root / "espnet_pretrained").is_dir()
 
 
-def demo_config(out: Path, n_images: int = 24, synthetic: bool | None = None) -> BenchmarkConfig:
+def demo_config(out: Path, n_images: int = 16, synthetic: bool | None = None) -> BenchmarkConfig:
     """The README's first command: the benchmark on a subset with the quick methods (minutes, not hours).
 
     Without real data (or with ``synthetic=True``) it runs on SYNTHETIC blobs with an ESPNet trained from scratch
@@ -594,7 +617,8 @@ def demo_config(out: Path, n_images: int = 24, synthetic: bool | None = None) ->
                                method_kwargs=QUICK_KWARGS, n_examples=2, anomalies=False)
     return BenchmarkConfig(out=out, n_images=n_images, n_shift_images=8, calibrators=QUICK_CALIBRATORS,
                            detectors=QUICK_DETECTORS, corruptions=QUICK_CORRUPTIONS, severities=(1, 3, 5),
-                           shift_model="espnet-cityscapes", method_kwargs=QUICK_KWARGS, n_examples=2)
+                           shift_model="espnet-cityscapes", method_kwargs=QUICK_KWARGS, n_examples=2,
+                           pretrained_detectors=True)
 
 
 __all__ = ["BenchmarkConfig", "demo_config", "evaluate_store", "make_dataset", "real_data_available", "run_benchmark"]

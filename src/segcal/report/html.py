@@ -102,6 +102,29 @@ def _figure(uri: str, caption: str, width: int = 380) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
+def _summary_section(results: Mapping[str, Any]) -> list[str]:
+    """One line per table: who wins on the headline metric, and by how much against the baseline."""
+    items = []
+    for eval_set, methods in results.get("calibration", {}).items():
+        scored = {m: r["ece"] for m, r in methods.items() if isinstance(r.get("ece"), int | float)}
+        if len(scored) < 2:
+            continue
+        best = min(scored, key=scored.get)
+        base = scored.get("uncalibrated")
+        rel = f" ({scored[best] / base:.2f}× uncalibrated {base:.4f})" if base else ""
+        items.append(f"<li><b>{html.escape(eval_set)}</b>: lowest ECE <b>{html.escape(best)}</b> "
+                     f"{scored[best]:.4f}{rel}</li>")
+    for protocol, detectors in results.get("detection", {}).items():
+        au = {d: r["auroc"] for d, r in detectors.items() if isinstance(r.get("auroc"), int | float)}
+        ap = {d: r["ap"] for d, r in detectors.items() if isinstance(r.get("ap"), int | float)}
+        if len(au) < 2:
+            continue
+        b_au, b_ap = max(au, key=au.get), max(ap, key=ap.get)
+        items.append(f"<li><b>{html.escape(protocol)}</b>: best AUROC <b>{html.escape(b_au)}</b> {au[b_au]:.4f}, "
+                     f"best AP <b>{html.escape(b_ap)}</b> {ap[b_ap]:.4f}</li>")
+    return ["<h2>Summary</h2>", "<ul>" + "".join(items) + "</ul>"] if items else []
+
+
 def _calibration_section(results: Mapping[str, Any]) -> list[str]:
     parts = ["<h2>Calibration</h2>",
              '<p class="note">Lower is better for every error column; green = best in column.</p>']
@@ -216,6 +239,7 @@ def render_report(results_dir: str | Path, out: str | Path | None = None) -> Pat
     parts.append(f'<ul class="meta">{meta_items}</ul>')
     for note in results.get("notes", []):
         parts.append(f'<p class="note">{html.escape(note)}</p>')
+    parts += _summary_section(results)
     parts += _calibration_section(results)
     parts += _detection_section(results)
     parts += _shift_section(results)
