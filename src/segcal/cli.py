@@ -142,12 +142,15 @@ def _run_fit(args: argparse.Namespace) -> int:
     from segcal.calibrators import get_calibrator
     from segcal.data import LogitsStore
 
-    _dist_init()
+    rank, world = _dist_init()
     store = LogitsStore(args.logits)
     cal = get_calibrator(args.calibrator, **_key_values(args.arg))
-    cal.fit(lambda: store.batches(batch_size=args.batch_size))
-    cal.save(args.out)
-    print(f"{type(cal).__name__} fitted on {len(store)} images: {cal.get_params()} → {args.out}")
+    # Under torchrun each rank streams its shard; the calibrator all-reduces its sufficient statistics.
+    shard = store.shard_names(rank, world) if world > 1 else None
+    cal.fit(lambda: store.batches(batch_size=args.batch_size, names=shard))
+    if rank == 0:
+        cal.save(args.out)
+        print(f"{type(cal).__name__} fitted on {len(store)} images: {cal.get_params()} → {args.out}")
     return 0
 
 
