@@ -117,3 +117,20 @@ def test_evaluate_detection_on_a_store(tmp_path, checkpoint, labelled_folder, ca
         assert 0 <= r["auroc"] <= 1 and 0 <= r["fpr95"] <= 1 and len(r["roc"]) == 2
     assert main(["evaluate-detection", "--detectors", "msp"]) == 1  # neither --logits nor --anomalies
     assert "--logits" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_fit_ts_equals_one_process(tmp_path, checkpoint, labelled_folder):
+    images, labels = labelled_folder
+    store = tmp_path / "store"
+    assert main(["predict", "--model", str(checkpoint), "--images", str(images), "--labels", str(labels),
+                 "--out", str(store)]) == 0
+    assert main(["fit", "--calibrator", "ts", "--logits", str(store), "--out", str(tmp_path / "one.pt")]) == 0
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "segcal", "fit", "--calibrator", "ts",
+                    "--logits", str(store), "--out", str(tmp_path / "two.pt")], check=True, cwd=ROOT,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=180)
+    from segcal.calibrators import load as load_calibrator
+
+    one, two = load_calibrator(tmp_path / "one.pt"), load_calibrator(tmp_path / "two.pt")
+    assert abs(one.temperature_ - two.temperature_) < 1e-6
