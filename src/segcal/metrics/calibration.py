@@ -33,7 +33,7 @@ from segcal.metrics.boundary import boundary_mask
 
 # Images are processed in chunks of about this many class-scores so that temporaries stay cache-sized and memory
 # does not grow with the batch size.
-_CHUNK_ELEMENTS = 2**23
+_CHUNK_ELEMENTS = 2**18
 
 
 @dataclass(frozen=True)
@@ -118,60 +118,112 @@ def _first_argmax(x: Tensor, top: Tensor) -> Tensor:
     """Index of the first class equal to the max ``top``.
 
     ``max(C - k)`` over the classes that attain the maximum is a plain reduction over dim 1, which is several
-    times faster than ``argmax(dim=1)`` on (N, C, H, W) CPU tensors.
+    times faster than ``argmax(dim=1)`` on (N, C, H, W) CPU tensors. The equality mask is reused in place.
     """
     c = x.shape[1]
     wdt = torch.uint8 if c < 256 else torch.int32
     w = torch.arange(c, 0, -1, dtype=wdt, device=x.device).view(1, c, 1, 1)
-    return c - ((x == top.unsqueeze(1)) * w).amax(1).long()
+    hit = torch.eq(x, top.unsqueeze(1))
+    hit = hit.view(torch.uint8).mul_(w) if wdt == torch.uint8 else hit * w
+    return c - hit.amax(1).long()
 
 
-def _update_chunk(preds: Tensor, target: Tensor, cfg: _CalibrationConfig, out: dict[str, Tensor]) -> None:
-    c_num, n, r_num, res = cfg.num_classes, cfg.n_bins, cfg.n_regions, cfg.ace_resolution
-    n_img = preds.shape[0]
-    wd = torch.float64 if preds.dtype == torch.float64 else torch.float32
+def _valid_mask(target: Tensor, cfg: _CalibrationConfig) -> Tensor:
     valid = target != cfg.ignore_index if cfg.ignore_index is not None else torch.ones_like(target,
                                                                                             dtype=torch.bool)
-    region = None
-    if cfg.boundary_width is not None:
-        region = boundary_mask(target, cfg.boundary_width, cfg.ignore_index).long()
     for k in cfg.exclude_classes:
         valid &= target != k
-    y = torch.where(valid, target, 0).long()
-    x = preds.to(wd)
-    tiny = torch.finfo(wd).tiny
-    if cfg.input == "logits":
-        # argmax of the probabilities, as every calibration library does (saves a reduction over the logits).
-        p = torch.softmax(x, 1)
-        conf = p.amax(1)
-        pred = _first_argmax(p, conf)
-        p_y = p.gather(1, y.unsqueeze(1)).squeeze(1)
-        logp_y = torch.log(p_y.clamp_min(tiny))
-        # An underflowed p_y would cap the NLL; recompute those (rare) pixels from the logits.
+    return valid
+
+
+def _chunks(shape: torch.Size) -> list[tuple[slice, slice]]:
+    """(image, row) slices of about ``_CHUNK_ELEMENTS`` class-scores each: several images, or rows of one."""
+    n_img, c, h, w = shape
+    per_image = max(1, c * h * w)
+    if per_image <= _CHUNK_ELEMENTS:
+        step = _CHUNK_ELEMENTS // per_image
+        return [(slice(i, i + step), slice(0, h)) for i in range(0, n_img, step)]
+    rows = max(1, _CHUNK_ELEMENTS // max(1, c * w))
+    return [(slice(i, i + 1), slice(r, r + rows)) for i in range(n_img) for r in range(0, h, rows)]
+
+
+@dataclass
+class _PixelStats:
+    """Per-pixel results of the dense (N, C, H, W) pass, written chunk by chunk."""
+
+    conf: Tensor
+    pred: Tensor
+    p_y: Tensor
+    sumsq: Tensor
+    cw_rows: Tensor | None  # (N, C, H, n + 1) row-wise sums of n * p_k per slot
+
+    @classmethod
+    def empty(cls, preds: Tensor, wd: torch.dtype, cfg: _CalibrationConfig) -> _PixelStats:
+        n_img, c, h, w = preds.shape
+        f = torch.empty(n_img, h, w, dtype=wd, device=preds.device)
+        cw = (torch.zeros(n_img, c, h, cfg.n_bins + 1, dtype=wd, device=preds.device) if cfg.classwise else None)
+        return cls(f, torch.empty(n_img, h, w, dtype=torch.int64, device=preds.device), torch.empty_like(f),
+                   torch.empty_like(f), cw)
+
+
+def _dense_chunk(x: Tensor, y: Tensor, valid: Tensor, cfg: _CalibrationConfig, st: _PixelStats,
+                 at: tuple[slice, slice]) -> None:
+    """Everything that reads all C probabilities of a pixel, on a cache-sized chunk."""
+    i, r = at
+    # argmax of the probabilities, as every calibration library does (saves a reduction over the logits).
+    p = torch.softmax(x, 1) if cfg.input == "logits" else x
+    conf = p.amax(1)
+    st.conf[i, r] = conf
+    st.pred[i, r] = _first_argmax(p, conf)
+    st.p_y[i, r] = p.gather(1, y.unsqueeze(1)).squeeze(1)
+    buf = None
+    if st.cw_rows is not None:
+        buf = p * torch.where(valid, float(cfg.n_bins), 0.0).to(p.dtype).unsqueeze(1)
+        st.cw_rows[i, :, r] = _classwise_rows(buf, cfg.n_bins)
+    st.sumsq[i, r] = torch.mul(p, p, out=buf).sum(1) if buf is not None else (p * p).sum(1)
+
+
+def _classwise_rows(pn: Tensor, n: int) -> Tensor:
+    """(N, C, H, n + 1) per-row sums of ``pn = n * p`` (0 on invalid pixels) by slot ``ceil(pn)``.
+
+    One pass over ``pn`` gives both the slot and, divided by n at the end, the summed probabilities. Each row has
+    its own accumulator so every float32 partial sum stays short (<= W terms); ``index_add_`` takes an int32
+    index (``scatter_add_`` needs int64) and adds in the same order as a row-wise scatter.
+    """
+    n_img, c, h, _ = pn.shape
+    row = torch.arange(n_img * c * h, dtype=torch.int32, device=pn.device).mul_(n + 1).view(n_img, c, h, 1)
+    idx = torch.ceil(pn).to(torch.int32).add_(row)
+    acc = torch.zeros(n_img * c * h * (n + 1), dtype=pn.dtype, device=pn.device)
+    return acc.index_add_(0, idx.flatten(), pn.flatten()).view(n_img, c, h, n + 1)
+
+
+def _log_label_prob(x: Tensor, p_y: Tensor, y: Tensor, valid: Tensor, cfg: _CalibrationConfig) -> Tensor:
+    """log p_y; an underflowed p_y would cap the NLL, so those (rare) pixels are recomputed from the logits."""
+    logp_y = torch.log(p_y.clamp_min(torch.finfo(p_y.dtype).tiny))
+    if cfg.input == "logits" and bool(p_y.amin() < 1e-30):
         under = valid & (p_y < 1e-30)
         if under.any():
-            xs = x.permute(0, 2, 3, 1)[under]
+            xs = x.permute(0, 2, 3, 1)[under].to(p_y.dtype)
             logp_y[under] = xs.gather(1, y[under].unsqueeze(1)).squeeze(1) - torch.logsumexp(xs, 1)
-    else:
-        p = x
-        conf = p.amax(1)
-        pred = _first_argmax(p, conf)
-        p_y = p.gather(1, y.unsqueeze(1)).squeeze(1)
-        logp_y = torch.log(p_y.clamp_min(tiny))
-    correct = (pred == y) & valid
-    conf64 = conf.to(torch.float64).flatten()
+    return logp_y
 
-    # Top-label histograms: one unweighted bincount gives count and correct (correct is the lowest index bit),
-    # one weighted bincount the confidence sums; per image and per region so image ECE and the band come free.
-    slot = slot_index(conf, n)
-    cell = torch.arange(n_img, device=x.device).view(-1, 1, 1) * r_num
-    if region is not None:
-        cell = cell + region
+
+def _top_label_bins(conf: Tensor, correct: Tensor, valid: Tensor, region: Tensor | None, conf64: Tensor,
+                    cfg: _CalibrationConfig, out: dict[str, Tensor]) -> None:
+    """Top-label histograms per image and region; image ECE and the boundary band come from the same counts.
+
+    One unweighted bincount gives count and correct (correct is the lowest index bit), one weighted bincount the
+    confidence sums.
+    """
+    n, r_num, n_img = cfg.n_bins, cfg.n_regions, conf.shape[0]
+    idx = slot_index(conf, n)
+    cell = torch.arange(n_img, device=conf.device).view(-1, 1, 1) * (r_num * (n + 1))
+    idx += cell if region is None else cell + region * (n + 1)
     dump = n_img * r_num * (n + 1)
-    idx = torch.where(valid, cell * (n + 1) + slot, dump)
-    h2 = torch.bincount((idx * 2 + correct).flatten(), minlength=2 * dump + 2)[: 2 * dump]
+    idx = idx.masked_fill_(~valid, dump).flatten()
+    h2 = torch.bincount(idx * 2 + correct.flatten(), minlength=2 * dump + 2)[: 2 * dump]
     h2 = h2.view(n_img, r_num, n + 1, 2)
-    hc = torch.bincount(idx.flatten(), weights=conf64, minlength=dump + 1)[:dump]
+    hc = torch.bincount(idx, weights=conf64, minlength=dump + 1)[:dump]
     cnt = merge_slots(h2.sum(-1))
     cor = merge_slots(h2[..., 1])
     cfs = merge_slots(hc.view(n_img, r_num, n + 1))
@@ -184,39 +236,56 @@ def _update_chunk(preds: Tensor, target: Tensor, cfg: _CalibrationConfig, out: d
     out["image_ece_sum"] += to_fixed((img_gap[has] / img_n[has]).sum(), IMAGE_SCALE)
     out["image_count"] += has.sum()
 
-    fidx = torch.where(valid, ace_fine_index(conf, res), res)
-    f2 = torch.bincount((fidx * 2 + correct).flatten(), minlength=2 * res + 2)[: 2 * res].view(res, 2)
-    fc = torch.bincount(fidx.flatten(), weights=conf64, minlength=res + 1)[:res]
+
+def _fine_bins(conf: Tensor, correct: Tensor, valid: Tensor, conf64: Tensor, res: int,
+               out: dict[str, Tensor]) -> None:
+    fidx = ace_fine_index(conf, res).masked_fill_(~valid, res).flatten()
+    f2 = torch.bincount(fidx * 2 + correct.flatten(), minlength=2 * res + 2)[: 2 * res].view(res, 2)
+    fc = torch.bincount(fidx, weights=conf64, minlength=res + 1)[:res]
     out["fine_count"] += f2.sum(-1)
     out["fine_correct"] += f2[:, 1]
     out["fine_conf"] += to_fixed2(fc)
 
-    if cfg.classwise:
-        pidx = torch.where(valid, y * (n + 1) + slot_index(p_y, n), c_num * (n + 1))
-        pos = torch.bincount(pidx.flatten(), minlength=c_num * (n + 1) + 1)[: c_num * (n + 1)]
-        out["cw_pos"] += merge_slots(pos.view(c_num, n + 1))
-        # pn = n * p on valid pixels, 0 elsewhere: one pass gives both the slot (ceil) and, divided by n at the end,
-        # the summed probabilities. Row-wise scatter keeps each float32 partial sum short (<= W terms).
-        pn = p * torch.where(valid, float(n), 0.0).to(wd).unsqueeze(1)
-        acc = torch.zeros(n_img, c_num, p.shape[2], n + 1, dtype=wd, device=p.device)
-        acc.scatter_add_(3, torch.ceil(pn).to(torch.int64), pn)
-        out["cw_conf"] += to_fixed2(merge_slots(acc.sum((0, 2), dtype=torch.float64)) / n)
 
-    sumsq = (p * p).sum(1)
-    brier = torch.where(valid, sumsq - 2.0 * p_y + 1.0, 0.0)
-    out["brier_sum"] += to_fixed2(brier.sum(dtype=torch.float64))
-    out["nll_sum"] += to_fixed2(-torch.where(valid, logp_y, 0.0).sum(dtype=torch.float64))
-    cidx = torch.where(valid, y * c_num + pred, c_num * c_num)
-    out["confmat"] += torch.bincount(cidx.flatten(), minlength=c_num * c_num + 1)[:-1].view(c_num, c_num)
+def _classwise_bins(st: _PixelStats, y: Tensor, valid: Tensor, cfg: _CalibrationConfig,
+                    out: dict[str, Tensor]) -> None:
+    c_num, n = cfg.num_classes, cfg.n_bins
+    pidx = (y * (n + 1) + slot_index(st.p_y, n)).masked_fill_(~valid, c_num * (n + 1))
+    pos = torch.bincount(pidx.flatten(), minlength=c_num * (n + 1) + 1)[: c_num * (n + 1)]
+    out["cw_pos"] += merge_slots(pos.view(c_num, n + 1))
+    out["cw_conf"] += to_fixed2(merge_slots(st.cw_rows.sum((0, 2), dtype=torch.float64)) / n)
 
 
 def _update_calibration(preds: Tensor, target: Tensor, cfg: _CalibrationConfig) -> dict[str, Tensor]:
-    """One validated batch -> int64 increments of every state (same keys and shapes as the states)."""
+    """One validated batch -> int64 increments of every state (same keys and shapes as the states).
+
+    The dense pass (softmax, argmax, classwise rows) runs on cache-sized chunks; the per-pixel histograms then
+    run once over the batch.
+    """
     out = _zero_states(cfg, preds.device)
-    per_image = max(1, preds[0].numel())
-    step = max(1, _CHUNK_ELEMENTS // per_image)
-    for i in range(0, preds.shape[0], step):
-        _update_chunk(preds[i:i + step], target[i:i + step], cfg, out)
+    c_num = cfg.num_classes
+    wd = torch.float64 if preds.dtype == torch.float64 else torch.float32
+    valid = _valid_mask(target, cfg)
+    y = torch.where(valid, target, 0).long()
+    st = _PixelStats.empty(preds, wd, cfg)
+    for i, r in _chunks(preds.shape):
+        _dense_chunk(preds[i, :, r].to(wd), y[i, r], valid[i, r], cfg, st, (i, r))
+    region = None
+    if cfg.boundary_width is not None:
+        region = boundary_mask(target, cfg.boundary_width, cfg.ignore_index).long()
+    logp_y = _log_label_prob(preds, st.p_y, y, valid, cfg)
+    correct = (st.pred == y).logical_and_(valid)
+    conf64 = st.conf.to(torch.float64).flatten()
+    _top_label_bins(st.conf, correct, valid, region, conf64, cfg, out)
+    _fine_bins(st.conf, correct, valid, conf64, cfg.ace_resolution, out)
+    if cfg.classwise:
+        _classwise_bins(st, y, valid, cfg, out)
+    invalid = ~valid
+    brier = st.sumsq.add_(st.p_y, alpha=-2.0).add_(1.0).masked_fill_(invalid, 0.0)
+    out["brier_sum"] += to_fixed2(brier.sum(dtype=torch.float64))
+    out["nll_sum"] += to_fixed2(-logp_y.masked_fill_(invalid, 0.0).sum(dtype=torch.float64))
+    cidx = (y * c_num + st.pred).masked_fill_(invalid, c_num * c_num)
+    out["confmat"] += torch.bincount(cidx.flatten(), minlength=c_num * c_num + 1)[:-1].view(c_num, c_num)
     return out
 
 
