@@ -53,15 +53,21 @@ def check_target(target: object, num_classes: int, ignore_index: int | None, *, 
     if shape is not None and tuple(target.shape) != tuple(shape):
         raise ValueError(f"`{name}` shape {tuple(target.shape)} does not match the predictions' (N, H, W) = "
                          f"{tuple(shape)}")
-    valid = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
-    if valid.any():
-        # where() instead of target[valid]: boolean indexing compacts a copy and is several times slower.
+    # where() instead of target[valid]: boolean indexing compacts a copy and is several times slower. Filling the
+    # ignored pixels with 0 cannot hide a bad label, so one min-max pass decides; the message pass runs on failure.
+    labels = target if ignore_index is None else torch.where(target != ignore_index, target, 0)
+    if target.numel() and not _in_range(*torch.aminmax(labels), num_classes):
+        valid = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
         lo = int(torch.where(valid, target, num_classes - 1).min())
         hi = int(torch.where(valid, target, 0).max())
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"`{name}` has labels outside [0, {num_classes}) that are not ignore_index="
                              f"{ignore_index}: min {lo}, max {hi}")
     return target
+
+
+def _in_range(lo: Tensor, hi: Tensor, num_classes: int) -> bool:
+    return int(lo) >= 0 and int(hi) < num_classes
 
 
 def check_logits_target(logits: object, target: object, ignore_index: int | None,

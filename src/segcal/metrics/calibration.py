@@ -208,7 +208,7 @@ def _log_label_prob(x: Tensor, p_y: Tensor, y: Tensor, valid: Tensor, cfg: _Cali
     return logp_y
 
 
-def _top_label_bins(conf: Tensor, correct: Tensor, valid: Tensor, region: Tensor | None, conf64: Tensor,
+def _top_label_bins(conf: Tensor, correct: Tensor, invalid: Tensor, region: Tensor | None, conf64: Tensor,
                     cfg: _CalibrationConfig, out: dict[str, Tensor]) -> None:
     """Top-label histograms per image and region; image ECE and the boundary band come from the same counts.
 
@@ -220,8 +220,8 @@ def _top_label_bins(conf: Tensor, correct: Tensor, valid: Tensor, region: Tensor
     cell = torch.arange(n_img, device=conf.device).view(-1, 1, 1) * (r_num * (n + 1))
     idx += cell if region is None else cell + region * (n + 1)
     dump = n_img * r_num * (n + 1)
-    idx = idx.masked_fill_(~valid, dump).flatten()
-    h2 = torch.bincount(idx * 2 + correct.flatten(), minlength=2 * dump + 2)[: 2 * dump]
+    idx = idx.masked_fill_(invalid, dump).flatten()
+    h2 = torch.bincount((idx * 2).add_(correct.flatten()), minlength=2 * dump + 2)[: 2 * dump]
     h2 = h2.view(n_img, r_num, n + 1, 2)
     hc = torch.bincount(idx, weights=conf64, minlength=dump + 1)[:dump]
     cnt = merge_slots(h2.sum(-1))
@@ -237,20 +237,20 @@ def _top_label_bins(conf: Tensor, correct: Tensor, valid: Tensor, region: Tensor
     out["image_count"] += has.sum()
 
 
-def _fine_bins(conf: Tensor, correct: Tensor, valid: Tensor, conf64: Tensor, res: int,
+def _fine_bins(conf: Tensor, correct: Tensor, invalid: Tensor, conf64: Tensor, res: int,
                out: dict[str, Tensor]) -> None:
-    fidx = ace_fine_index(conf, res).masked_fill_(~valid, res).flatten()
-    f2 = torch.bincount(fidx * 2 + correct.flatten(), minlength=2 * res + 2)[: 2 * res].view(res, 2)
+    fidx = ace_fine_index(conf, res).masked_fill_(invalid, res).flatten()
+    f2 = torch.bincount((fidx * 2).add_(correct.flatten()), minlength=2 * res + 2)[: 2 * res].view(res, 2)
     fc = torch.bincount(fidx, weights=conf64, minlength=res + 1)[:res]
     out["fine_count"] += f2.sum(-1)
     out["fine_correct"] += f2[:, 1]
     out["fine_conf"] += to_fixed2(fc)
 
 
-def _classwise_bins(st: _PixelStats, y: Tensor, valid: Tensor, cfg: _CalibrationConfig,
+def _classwise_bins(st: _PixelStats, y: Tensor, invalid: Tensor, cfg: _CalibrationConfig,
                     out: dict[str, Tensor]) -> None:
     c_num, n = cfg.num_classes, cfg.n_bins
-    pidx = (y * (n + 1) + slot_index(st.p_y, n)).masked_fill_(~valid, c_num * (n + 1))
+    pidx = (y * (n + 1)).add_(slot_index(st.p_y, n)).masked_fill_(invalid, c_num * (n + 1))
     pos = torch.bincount(pidx.flatten(), minlength=c_num * (n + 1) + 1)[: c_num * (n + 1)]
     out["cw_pos"] += merge_slots(pos.view(c_num, n + 1))
     out["cw_conf"] += to_fixed2(merge_slots(st.cw_rows.sum((0, 2), dtype=torch.float64)) / n)
@@ -276,15 +276,15 @@ def _update_calibration(preds: Tensor, target: Tensor, cfg: _CalibrationConfig) 
     logp_y = _log_label_prob(preds, st.p_y, y, valid, cfg)
     correct = (st.pred == y).logical_and_(valid)
     conf64 = st.conf.to(torch.float64).flatten()
-    _top_label_bins(st.conf, correct, valid, region, conf64, cfg, out)
-    _fine_bins(st.conf, correct, valid, conf64, cfg.ace_resolution, out)
-    if cfg.classwise:
-        _classwise_bins(st, y, valid, cfg, out)
     invalid = ~valid
+    _top_label_bins(st.conf, correct, invalid, region, conf64, cfg, out)
+    _fine_bins(st.conf, correct, invalid, conf64, cfg.ace_resolution, out)
+    if cfg.classwise:
+        _classwise_bins(st, y, invalid, cfg, out)
     brier = st.sumsq.add_(st.p_y, alpha=-2.0).add_(1.0).masked_fill_(invalid, 0.0)
     out["brier_sum"] += to_fixed2(brier.sum(dtype=torch.float64))
     out["nll_sum"] += to_fixed2(-logp_y.masked_fill_(invalid, 0.0).sum(dtype=torch.float64))
-    cidx = (y * c_num + st.pred).masked_fill_(invalid, c_num * c_num)
+    cidx = (y * c_num).add_(st.pred).masked_fill_(invalid, c_num * c_num)
     out["confmat"] += torch.bincount(cidx.flatten(), minlength=c_num * c_num + 1)[:-1].view(c_num, c_num)
     return out
 
