@@ -57,7 +57,7 @@ def slot_index(c: Tensor, n_bins: int) -> Tensor:
     Slot 0 holds exactly ``c == 0`` and is merged into bin 0 at compute time (so 0 lands in the first bin and 1.0
     in the last, as the design requires).
     """
-    return (c * n_bins).ceil_().to(torch.int64).clamp_(0, n_bins)
+    return (c * n_bins).ceil_().to(torch.int32).clamp_(0, n_bins)
 
 
 def merge_slots(x: Tensor) -> Tensor:
@@ -71,7 +71,7 @@ def ace_fine_index(c: Tensor, resolution: int) -> Tensor:
     """Fine-histogram bin of confidence ``c`` on the scale ``t = -log2(1 - c)``; ``c == 1`` -> last bin."""
     # log2(1 - c) * (-s) equals -log2(1 - c) * s exactly (a sign flip), so the in-place form bins identically.
     t = torch.sub(1.0, c.to(torch.float32)).clamp_min_(2.0**-30).log2_().mul_(-(resolution - 1) / ACE_T_MAX)
-    return t.to(torch.int64).clamp_(0, resolution - 2).masked_fill_(c >= 1.0, resolution - 1)
+    return t.to(torch.int32).clamp_(0, resolution - 2).masked_fill_(c >= 1.0, resolution - 1)
 
 
 def ace_fine_edges(resolution: int) -> Tensor:

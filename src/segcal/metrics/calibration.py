@@ -125,7 +125,7 @@ def _first_argmax(x: Tensor, top: Tensor) -> Tensor:
     w = torch.arange(c, 0, -1, dtype=wdt, device=x.device).view(1, c, 1, 1)
     hit = torch.eq(x, top.unsqueeze(1))
     hit = hit.view(torch.uint8).mul_(w) if wdt == torch.uint8 else hit * w
-    return c - hit.amax(1).long()
+    return c - hit.amax(1).to(torch.int32)
 
 
 def _valid_mask(target: Tensor, cfg: _CalibrationConfig) -> Tensor:
@@ -162,7 +162,7 @@ class _PixelStats:
         n_img, c, h, w = preds.shape
         f = torch.empty(n_img, h, w, dtype=wd, device=preds.device)
         cw = (torch.zeros(n_img, c, h, cfg.n_bins + 1, dtype=wd, device=preds.device) if cfg.classwise else None)
-        return cls(f, torch.empty(n_img, h, w, dtype=torch.int64, device=preds.device), torch.empty_like(f),
+        return cls(f, torch.empty(n_img, h, w, dtype=torch.int32, device=preds.device), torch.empty_like(f),
                    torch.empty_like(f), cw)
 
 
@@ -208,22 +208,29 @@ def _log_label_prob(x: Tensor, p_y: Tensor, y: Tensor, valid: Tensor, cfg: _Cali
     return logp_y
 
 
+def _count(idx: Tensor, size: int, weights: Tensor | None = None) -> Tensor:
+    """``bincount`` of an int32 index known to be < ``size``; ``index_add_`` skips bincount's min/max passes and
+    its int64 index, and adds in the same (element) order, so weighted float64 sums are bit-identical."""
+    idx = idx.flatten()
+    src = torch.ones(1, dtype=torch.int64, device=idx.device).expand(idx.numel()) if weights is None else weights
+    return torch.zeros(size, dtype=src.dtype, device=idx.device).index_add_(0, idx, src)
+
+
 def _top_label_bins(conf: Tensor, correct: Tensor, invalid: Tensor, region: Tensor | None, conf64: Tensor,
                     cfg: _CalibrationConfig, out: dict[str, Tensor]) -> None:
     """Top-label histograms per image and region; image ECE and the boundary band come from the same counts.
 
-    One unweighted bincount gives count and correct (correct is the lowest index bit), one weighted bincount the
-    confidence sums.
+    One count gives count and correct (correct is the lowest index bit), one weighted count the confidence sums.
     """
     n, r_num, n_img = cfg.n_bins, cfg.n_regions, conf.shape[0]
     idx = slot_index(conf, n)
-    cell = torch.arange(n_img, device=conf.device).view(-1, 1, 1) * (r_num * (n + 1))
+    cell = torch.arange(n_img, dtype=torch.int32, device=conf.device).view(-1, 1, 1) * (r_num * (n + 1))
     idx += cell if region is None else cell + region * (n + 1)
     dump = n_img * r_num * (n + 1)
     idx = idx.masked_fill_(invalid, dump).flatten()
-    h2 = torch.bincount((idx * 2).add_(correct.flatten()), minlength=2 * dump + 2)[: 2 * dump]
+    h2 = _count((idx * 2).add_(correct.flatten()), 2 * dump + 2)[: 2 * dump]
     h2 = h2.view(n_img, r_num, n + 1, 2)
-    hc = torch.bincount(idx, weights=conf64, minlength=dump + 1)[:dump]
+    hc = _count(idx, dump + 1, conf64)[:dump]
     cnt = merge_slots(h2.sum(-1))
     cor = merge_slots(h2[..., 1])
     cfs = merge_slots(hc.view(n_img, r_num, n + 1))
@@ -240,8 +247,8 @@ def _top_label_bins(conf: Tensor, correct: Tensor, invalid: Tensor, region: Tens
 def _fine_bins(conf: Tensor, correct: Tensor, invalid: Tensor, conf64: Tensor, res: int,
                out: dict[str, Tensor]) -> None:
     fidx = ace_fine_index(conf, res).masked_fill_(invalid, res).flatten()
-    f2 = torch.bincount((fidx * 2).add_(correct.flatten()), minlength=2 * res + 2)[: 2 * res].view(res, 2)
-    fc = torch.bincount(fidx, weights=conf64, minlength=res + 1)[:res]
+    f2 = _count((fidx * 2).add_(correct.flatten()), 2 * res + 2)[: 2 * res].view(res, 2)
+    fc = _count(fidx, res + 1, conf64)[:res]
     out["fine_count"] += f2.sum(-1)
     out["fine_correct"] += f2[:, 1]
     out["fine_conf"] += to_fixed2(fc)
@@ -251,7 +258,7 @@ def _classwise_bins(st: _PixelStats, y: Tensor, invalid: Tensor, cfg: _Calibrati
                     out: dict[str, Tensor]) -> None:
     c_num, n = cfg.num_classes, cfg.n_bins
     pidx = (y * (n + 1)).add_(slot_index(st.p_y, n)).masked_fill_(invalid, c_num * (n + 1))
-    pos = torch.bincount(pidx.flatten(), minlength=c_num * (n + 1) + 1)[: c_num * (n + 1)]
+    pos = _count(pidx, c_num * (n + 1) + 1)[: c_num * (n + 1)]
     out["cw_pos"] += merge_slots(pos.view(c_num, n + 1))
     out["cw_conf"] += to_fixed2(merge_slots(st.cw_rows.sum((0, 2), dtype=torch.float64)) / n)
 
@@ -272,20 +279,21 @@ def _update_calibration(preds: Tensor, target: Tensor, cfg: _CalibrationConfig) 
         _dense_chunk(preds[i, :, r].to(wd), y[i, r], valid[i, r], cfg, st, (i, r))
     region = None
     if cfg.boundary_width is not None:
-        region = boundary_mask(target, cfg.boundary_width, cfg.ignore_index).long()
+        region = boundary_mask(target, cfg.boundary_width, cfg.ignore_index).to(torch.int32)
     logp_y = _log_label_prob(preds, st.p_y, y, valid, cfg)
-    correct = (st.pred == y).logical_and_(valid)
+    y32 = y.to(torch.int32)
+    correct = (st.pred == y32).logical_and_(valid)
     conf64 = st.conf.to(torch.float64).flatten()
     invalid = ~valid
     _top_label_bins(st.conf, correct, invalid, region, conf64, cfg, out)
     _fine_bins(st.conf, correct, invalid, conf64, cfg.ace_resolution, out)
     if cfg.classwise:
-        _classwise_bins(st, y, invalid, cfg, out)
+        _classwise_bins(st, y32, invalid, cfg, out)
     brier = st.sumsq.add_(st.p_y, alpha=-2.0).add_(1.0).masked_fill_(invalid, 0.0)
     out["brier_sum"] += to_fixed2(brier.sum(dtype=torch.float64))
     out["nll_sum"] += to_fixed2(-logp_y.masked_fill_(invalid, 0.0).sum(dtype=torch.float64))
-    cidx = (y * c_num).add_(st.pred).masked_fill_(invalid, c_num * c_num)
-    out["confmat"] += torch.bincount(cidx.flatten(), minlength=c_num * c_num + 1)[:-1].view(c_num, c_num)
+    cidx = (y32 * c_num).add_(st.pred).masked_fill_(invalid, c_num * c_num)
+    out["confmat"] += _count(cidx, c_num * c_num + 1)[:-1].view(c_num, c_num)
     return out
 
 
