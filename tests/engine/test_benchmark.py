@@ -37,6 +37,8 @@ def test_benchmark_writes_every_section_and_is_deterministic(tmp_path, tiny_mode
     idm = first["detection"]["IDM: CamVid test (positive = mispredicted pixel)"]
     assert set(idm) == {"msp", "energy", "sml"}
     assert all(0.0 <= r["auroc"] <= 1.0 for r in idm.values())
+    ood = first["detection"]["OOD: pasted anomalies on CamVid test"]
+    assert all(0.0 <= r["open_set_miou"] <= 1.0 for r in ood.values())
     assert set(first["shift"]["gaussian_noise"]) == {"0", "2"}
     assert (tmp_path / "a" / "index.html").stat().st_size > 10_000
     assert "SYNTHETIC" in (tmp_path / "a" / "results.md").read_text()

@@ -350,18 +350,40 @@ def _model_batches(model: Any, dataset: Any, batch_size: int, desc: str, progres
 
 def evaluate_anomalies(model: Any, test_set: Any, detectors: dict[str, Any], cfg: BenchmarkConfig
                        ) -> dict[str, dict[str, Any]]:
-    """Pasted-anomaly OOD protocol: positive = pasted object pixels, negatives = valid in-distribution pixels."""
+    """Pasted-anomaly OOD protocol: positive = pasted object pixels, negatives = valid in-distribution pixels.
+
+    Besides AUROC / AP / FPR95 (pooled), each detector gets the open-set mIoU of FlowEneDet's protocol: pixels whose
+    score reaches the F1-optimal threshold become an extra "unknown" class. The score maps of the (few) protocol
+    frames are kept in memory for that second step.
+    """
     from segcal.data.anomalies import PastedAnomalyDataset
+    from segcal.metrics.open_set import f1_optimal_threshold, open_set_miou
 
     dataset = PastedAnomalyDataset(Subset(test_set, cfg.n_shift_images), seed=cfg.seed)
     metrics = {d: _new_detection_metrics(per_image=False) for d in detectors}
+    kept: dict[str, list[Tensor]] = {d: [] for d in detectors}
+    preds, targets, oods = [], [], []
     for samples, logits, feats in _model_batches(model, dataset, cfg.batch_size, "pasted anomalies", cfg.progress):
         ood = torch.from_numpy(np.stack([s["ood_mask"] for s in samples]))
         target = torch.from_numpy(np.stack([s["target"] for s in samples]))
         valid = ood | (target != 255)
+        preds.append(logits.argmax(1))
+        targets.append(target)
+        oods.append(ood)
         for d, det in detectors.items():
-            metrics[d].update(det.score(logits, features=feats), ood, valid)
-    return {d: detection_summary(m) for d, m in metrics.items()}
+            score = det.score(logits, features=feats)
+            metrics[d].update(score, ood, valid)
+            kept[d].append(score.float())
+    pred, target, ood = torch.cat(preds), torch.cat(targets), torch.cat(oods)
+    valid = ood | (target != 255)
+    out = {}
+    for d, m in metrics.items():
+        out[d] = detection_summary(m)
+        score = torch.cat(kept[d])
+        threshold = f1_optimal_threshold(score[valid], ood[valid])
+        miou = open_set_miou(pred, target, ood, score >= threshold, model.num_classes)
+        out[d].update({k: to_jsonable(v) for k, v in miou.items()})
+    return out
 
 
 def evaluate_corruptions(model: Any, test_set: Any, detectors: dict[str, Any], calibrators: dict[str, Any],
@@ -467,7 +489,7 @@ def _markdown(results: dict[str, Any]) -> str:
         for m, r in methods.items():
             lines.append(f"| {m} | " + " | ".join(_md_num(r.get(c)) for c in cols) + " |")
         lines.append("")
-    dcols = ("auroc", "ap", "fpr95", "auroc_per_image", "ap_per_image", "fpr95_per_image")
+    dcols = ("auroc", "ap", "fpr95", "auroc_per_image", "ap_per_image", "fpr95_per_image", "open_set_miou")
     for protocol, dets in results.get("detection", {}).items():
         lines += [f"## Detection — {protocol}", "", "| detector | " + " | ".join(dcols) + " |",
                   "|---" * (len(dcols) + 1) + "|"]

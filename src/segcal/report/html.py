@@ -28,10 +28,11 @@ from segcal.report.displays import CurveDisplay, PerClassDisplay, ReliabilityDis
 
 LOWER_IS_BETTER = {"ece", "mce", "ace", "cw_ece", "nll", "brier", "oe", "image_ece", "boundary_ece",
                    "interior_ece", "fpr95", "fit_time_s", "ece_correct", "ece_wrong"}
-HIGHER_IS_BETTER = {"auroc", "ap", "miou", "accuracy"}
+HIGHER_IS_BETTER = {"auroc", "ap", "miou", "accuracy", "open_set_miou"}
 CALIBRATION_COLUMNS = ("ece", "mce", "ace", "cw_ece", "nll", "brier", "oe", "image_ece", "boundary_ece",
                        "interior_ece", "accuracy", "miou", "fit_time_s")
-DETECTION_COLUMNS = ("auroc", "ap", "fpr95", "auroc_per_image", "ap_per_image", "fpr95_per_image")
+DETECTION_COLUMNS = ("auroc", "ap", "fpr95", "auroc_per_image", "ap_per_image", "fpr95_per_image", "open_set_miou",
+                     "closed_set_miou")
 
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1200px;color:#222}
