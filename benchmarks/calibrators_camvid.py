@@ -359,7 +359,7 @@ def baseline_specs(mp: int, lts_epochs: int) -> dict[str, list[tuple[str, dict]]
         "ts": [("ts", {})],
         "vs": [("vs", {"max_pixels": mp})],
         "ms": [("ms", {"max_pixels": mp})],
-        "dirichlet": [(f"dirichlet-l{lam:g}", {"reg_lambda": lam, "max_pixels": mp}) for lam in (0.0, 1e-3, 1e-1)],
+        "dirichlet": [(f"dirichlet-l{lam:g}", {"reg_lambda": lam, "max_pixels": mp}) for lam in (0.0, 1e-2)],
         "ets": [("ets", {"max_pixels": mp})],
         "lts": [("lts", {"epochs": lts_epochs})],
         "histogram": [(f"histogram-b{b}", {"n_bins": b}) for b in (10, 15, 30)],
@@ -368,8 +368,8 @@ def baseline_specs(mp: int, lts_epochs: int) -> dict[str, list[tuple[str, dict]]
 
 
 def selective_grid(quick: bool) -> list[tuple[str, dict]]:
-    thr = (0.5,) if quick else (0.3, 0.5, 0.7)
-    tm: tuple[Any, ...] = ("fit", 2.0) if quick else ("fit", 2.0, 1000.0)
+    thr = (0.5,) if quick else (0.3, 0.5)
+    tm: tuple[Any, ...] = ("fit", 2.0) if quick else ("fit", 1000.0)
     out = []
     for base in (None, "ts"):
         for t in thr:
@@ -445,8 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="cache/calibrators")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--test-stride", type=int, default=3)
-    ap.add_argument("--max-pixels", type=int, default=2_000_000)
+    ap.add_argument("--test-stride", type=int, default=6)
+    ap.add_argument("--max-pixels", type=int, default=300_000)
     ap.add_argument("--lts-epochs", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=40, help="Selective detector epochs")
     ap.add_argument("--corruptions", default="darkness-3,fog-2,gaussian_noise-2")
