@@ -33,7 +33,7 @@ from segcal.metrics.boundary import boundary_mask
 
 # Images are processed in chunks of about this many class-scores so that temporaries stay cache-sized and memory
 # does not grow with the batch size.
-_CHUNK_ELEMENTS = 2**18
+_CHUNK_ELEMENTS = 2**21
 
 
 @dataclass(frozen=True)
