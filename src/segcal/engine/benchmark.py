@@ -61,6 +61,7 @@ class BenchmarkConfig:
     n_examples: int = 3
     anomalies: bool = True
     pretrained_detectors: bool = False
+    shift_calibrators: Sequence[str] | None = None  # calibrators for the second model (None = ``calibrators``)
     checkpoints: Path | None = None
     method_kwargs: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(BENCHMARK_KWARGS))
     batch_size: int = 4
@@ -212,30 +213,60 @@ def _transform(cal: Any, dataset: Any) -> Callable[[Tensor, Sequence[str]], Tens
 def evaluate_calibrators(store: LogitsStore, dataset: Any, calibrators: dict[str, Any], cfg: BenchmarkConfig,
                          names: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     """Uncalibrated + every calibrator on ``store`` (restricted to ``names``) in one pass over the logits."""
+    return evaluate_calibrators_on_sets(store, dataset, calibrators, cfg, {"_": names})["_"]
+
+
+def _set_members(sets: dict[str, Sequence[str] | None]) -> dict[str, set[str] | None]:
+    return {k: None if v is None else set(v) for k, v in sets.items()}
+
+
+def _rows(batch_names: Sequence[str], members: set[str] | None) -> Tensor | None:
+    """Indices of the batch's images in an evaluation set (None = all of them, empty tensor = none)."""
+    if members is None:
+        return None
+    return torch.tensor([i for i, n in enumerate(batch_names) if n in members], dtype=torch.long)
+
+
+def evaluate_calibrators_on_sets(store: LogitsStore, dataset: Any, calibrators: dict[str, Any],
+                                 cfg: BenchmarkConfig, sets: dict[str, Sequence[str] | None]
+                                 ) -> dict[str, dict[str, dict[str, Any]]]:
+    """Like :func:`evaluate_calibrators` for several image sets (e.g. test and its sequences) in a single pass:
+    every calibrator transforms each batch once and the result is routed to the sets holding its images."""
     methods = {"uncalibrated": None, **calibrators}
-    metrics = {m: CalibrationMetrics(store.num_classes, n_bins=15, boundary_width=2) for m in methods}
-    split = {m: (CalibrationMetrics(store.num_classes, n_bins=15, classwise=False),
-                 CalibrationMetrics(store.num_classes, n_bins=15, classwise=False)) for m in methods}
+    members = _set_members(sets)
+    wanted = None if any(m is None for m in members.values()) else sorted(set().union(*members.values()))
+    metrics = {k: {m: CalibrationMetrics(store.num_classes, n_bins=15, boundary_width=2) for m in methods}
+               for k in sets}
+    split = {k: {m: (CalibrationMetrics(store.num_classes, n_bins=15, classwise=False),
+                     CalibrationMetrics(store.num_classes, n_bins=15, classwise=False)) for m in methods}
+             for k in sets}
     transforms = {m: _transform(c, dataset) for m, c in calibrators.items()}
     with torch.inference_mode():
-        for batch in store.batches(cfg.batch_size, names=names):
+        for batch in store.batches(cfg.batch_size, names=wanted):
             logits, target = batch["logits"], batch["target"]
             pred = logits.argmax(1)
             valid = target != 255
             correct_t = torch.where(valid & (pred == target), target, 255)
             wrong_t = torch.where(valid & (pred != target), target, 255)
-            for m in methods:
-                out = logits if m == "uncalibrated" else transforms[m](logits, batch["names"])
-                metrics[m].update(out, target)
-                split[m][0].update(out, correct_t)
-                split[m][1].update(out, wrong_t)
-    results = {}
-    for m in methods:
-        res = calibration_summary(metrics[m])
-        res["per_class_ece"] = res.pop("cw_ece_per_class", None)
-        res["ece_correct"] = to_jsonable(split[m][0].compute()["ece"])
-        res["ece_wrong"] = to_jsonable(split[m][1].compute()["ece"])
-        results[m] = {k: v for k, v in res.items() if v is not None}
+            outs = {m: logits if m == "uncalibrated" else transforms[m](logits, batch["names"]) for m in methods}
+            for k, member in members.items():
+                rows = _rows(batch["names"], member)
+                if rows is not None and rows.numel() == 0:
+                    continue
+                pick = (lambda x: x) if rows is None else (lambda x, r=rows: x[r])
+                for m in methods:
+                    metrics[k][m].update(pick(outs[m]), pick(target))
+                    split[k][m][0].update(pick(outs[m]), pick(correct_t))
+                    split[k][m][1].update(pick(outs[m]), pick(wrong_t))
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    for k in sets:
+        results[k] = {}
+        for m in methods:
+            res = calibration_summary(metrics[k][m])
+            res["per_class_ece"] = res.pop("cw_ece_per_class", None)
+            res["ece_correct"] = to_jsonable(split[k][m][0].compute()["ece"])
+            res["ece_wrong"] = to_jsonable(split[k][m][1].compute()["ece"])
+            results[k][m] = {key: v for key, v in res.items() if v is not None}
     return results
 
 
@@ -326,15 +357,31 @@ def _thin_index(n: int, keep: int = 200) -> Tensor:
 def evaluate_idm(store: LogitsStore, detectors: dict[str, Any], cfg: BenchmarkConfig,
                  names: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     """In-distribution misprediction detection: positive = ``argmax ≠ label`` on valid pixels, per image + pooled."""
-    metrics = {d: _new_detection_metrics(per_image=True) for d in detectors}
+    return evaluate_idm_on_sets(store, detectors, cfg, {"_": names})["_"]
+
+
+def evaluate_idm_on_sets(store: LogitsStore, detectors: dict[str, Any], cfg: BenchmarkConfig,
+                         sets: dict[str, Sequence[str] | None]) -> dict[str, dict[str, dict[str, Any]]]:
+    """:func:`evaluate_idm` for several image sets in one pass (each detector scores each batch once)."""
+    members = _set_members(sets)
+    wanted = None if any(m is None for m in members.values()) else sorted(set().union(*members.values()))
+    metrics = {k: {d: _new_detection_metrics(per_image=True) for d in detectors} for k in sets}
     with torch.inference_mode():
-        for batch in store.batches(cfg.batch_size, names=names, features=store.has_features):
+        for batch in store.batches(cfg.batch_size, names=wanted, features=store.has_features):
             logits, target = batch["logits"], batch["target"]
             valid = target != 255
             positive = (logits.argmax(1) != target) & valid
-            for d, det in detectors.items():
-                metrics[d].update(det.score(logits, features=batch.get("features")), positive, valid)
-    return {d: detection_summary(m) for d, m in metrics.items()}
+            scores = {d: det.score(logits, features=batch.get("features")) for d, det in detectors.items()}
+            for k, member in members.items():
+                rows = _rows(batch["names"], member)
+                if rows is not None and rows.numel() == 0:
+                    continue
+                for d in detectors:
+                    if rows is None:
+                        metrics[k][d].update(scores[d], positive, valid)
+                    else:
+                        metrics[k][d].update(scores[d][rows], positive[rows], valid[rows])
+    return {k: {d: detection_summary(m) for d, m in per.items()} for k, per in metrics.items()}
 
 
 def _model_batches(model: Any, dataset: Any, batch_size: int, desc: str, progress: bool
@@ -521,6 +568,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
+    dataset_label = "CamVid" if cfg.dataset == "camvid" else "SYNTHETIC blobs (no real data found)"
     model = load_model(cfg, cfg.model)
     timings: dict[str, Any] = {}
     _log(f"logits of {cfg.model} on val / test / train (cached under {cfg.cache})", cfg)
@@ -534,8 +582,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
     calibrators, timings["calibrator_fit_s"] = fit_calibrators(cfg.calibrators, val_store, val_set, cfg)
     _log("calibration metrics on test and its sequences", cfg)
     calibration: dict[str, Any] = {}
-    for eval_set, names in _test_sets(test_store).items():
-        calibration[eval_set] = evaluate_calibrators(test_store, test_set, calibrators, cfg, names)
+    calibration.update(evaluate_calibrators_on_sets(test_store, test_set, calibrators, cfg, _test_sets(test_store)))
     for m, t in timings["calibrator_fit_s"].items():
         calibration["test (all)"][m]["fit_images"] = len(val_store)
         _ = t  # fit times go to timings.json: wall-clock is not deterministic
@@ -545,7 +592,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
         shift_model = load_model(cfg, cfg.shift_model)
         s_val, s_val_set = cached_store(shift_model, cfg.shift_model, "val", cfg, features=False)
         s_test, s_test_set = cached_store(shift_model, cfg.shift_model, "test", cfg, features=False)
-        quick = [c for c in cfg.calibrators if c != "lts"]
+        quick = [c for c in (cfg.shift_calibrators or cfg.calibrators) if c != "lts"]
         s_cals, timings["shift_calibrator_fit_s"] = fit_calibrators(quick, s_val, s_val_set, cfg)
         calibration[f"shift: {cfg.shift_model} → CamVid test"] = evaluate_calibrators(s_test, s_test_set, s_cals,
                                                                                        cfg)
@@ -556,13 +603,15 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
     _log(f"fitting detectors {list(cfg.detectors)}; IDM on test", cfg)
     detectors, timings["detector_fit_s"] = fit_detectors(cfg.detectors, val_store, train_store, cfg,
                                                          selective=calibrators.get("selective"))
-    detection = {"IDM: CamVid test (positive = mispredicted pixel)": evaluate_idm(test_store, detectors, cfg)}
     seqs = _sequences(test_store)
+    idm_sets: dict[str, Sequence[str] | None] = {f"IDM: {dataset_label} test (positive = mispredicted pixel)": None}
     for seq, names in (seqs.items() if len(seqs) > 1 else ()):
-        detection[f"IDM: CamVid test {seq}"] = evaluate_idm(test_store, detectors, cfg, names)
+        idm_sets[f"IDM: {dataset_label} test {seq}"] = names
+    detection = evaluate_idm_on_sets(test_store, detectors, cfg, idm_sets)
     if cfg.anomalies:
         _log("pasted-anomaly OOD protocol", cfg)
-        detection["OOD: pasted anomalies on CamVid test"] = evaluate_anomalies(model, test_set, detectors, cfg)
+        ood_key = f"OOD: pasted anomalies on {dataset_label} test"
+        detection[ood_key] = evaluate_anomalies(model, test_set, detectors, cfg)
     _log(f"corruptions {list(cfg.corruptions)} at severities {list(cfg.severities)}", cfg)
     shift = evaluate_corruptions(model, test_set, detectors, {k: v for k, v in calibrators.items()
                                                               if k in ("ts", "selective")}, cfg) \
@@ -570,7 +619,6 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
 
     from segcal.data import CAMVID_CLASSES
 
-    dataset_label = "CamVid" if cfg.dataset == "camvid" else "SYNTHETIC blobs (no real data found)"
     results = {
         "meta": {"model": cfg.model, "dataset": dataset_label,
                  "calibration fit": f"{dataset_label} val ({len(val_store)} images)",
