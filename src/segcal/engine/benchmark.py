@@ -148,7 +148,7 @@ def load_model(cfg: BenchmarkConfig, name: str) -> Any:
 
         torch.manual_seed(cfg.seed)
         net = models.build_espnet("camvid", num_classes=11, name="synthetic-espnet")
-        Trainer(net, None, make_dataset(cfg, "train"), None, out_dir=run, epochs=6, batch_size=8, lr=3e-3,
+        Trainer(net, None, make_dataset(cfg, "train"), None, out_dir=run, epochs=15, batch_size=8, lr=5e-3,
                 seed=cfg.seed, progress=cfg.progress).fit(resume=True)
     return models.load(run / "last.pt")
 
