@@ -142,3 +142,27 @@ def test_torchrun_fit_ts_equals_one_process(tmp_path, checkpoint, labelled_folde
 
     one, two = load_calibrator(tmp_path / "one.pt"), load_calibrator(tmp_path / "two.pt")
     assert abs(one.temperature_ - two.temperature_) < 1e-6
+
+
+def test_train_on_synthetic_writes_a_loadable_checkpoint_and_resumes(tmp_path, checkpoint):
+    out = tmp_path / "run"
+    args = ["train", "--model", str(checkpoint), "--dataset", "synthetic", "--synthetic-n", "8", "--loss", "mbls",
+            "--loss-arg", "margin=5", "--epochs", "1", "--batch-size", "4", "--out", str(out)]
+    assert main(args) == 0
+    from segcal.models import load
+
+    model = load(out / "last.pt")
+    assert model.num_classes == 5
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["epoch"] == 1 and log[-1]["steps"] == 2
+    assert main(args) == 0  # finished run: resume does nothing new
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1
+
+
+def test_train_refuses_to_resume_with_other_settings(tmp_path, checkpoint, capsys):
+    out = tmp_path / "run"
+    base = ["train", "--model", str(checkpoint), "--dataset", "synthetic", "--synthetic-n", "4", "--epochs", "1",
+            "--out", str(out)]
+    assert main([*base, "--batch-size", "4"]) == 0
+    assert main([*base, "--batch-size", "2"]) == 1
+    assert "different settings" in capsys.readouterr().err
