@@ -63,21 +63,6 @@ def _dataset(args: argparse.Namespace) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------------- train
-class _IndexRange:
-    """Samples ``start..stop`` of a dataset."""
-
-    def __init__(self, dataset: Any, start: int, stop: int) -> None:
-        self.dataset, self.start, self.stop = dataset, start, stop
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __getitem__(self, i: int) -> dict:
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        return self.dataset[self.start + i]
-
-
 def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="espnet-camvid", help="model name or checkpoint path to start from")
     p.add_argument("--dataset", default="camvid", choices=["camvid", "synthetic"])
@@ -105,7 +90,8 @@ def _run_train(args: argparse.Namespace) -> int:
         # one dataset, split by index: the synthetic class colours depend on the seed
         full = data.SyntheticSegmentation(n=args.synthetic_n + 4, size=(96, 128), num_classes=model.num_classes,
                                           seed=0)
-        train_set, val_set = _IndexRange(full, 0, args.synthetic_n), _IndexRange(full, args.synthetic_n, len(full))
+        train_set = data.Subset(full, range(args.synthetic_n))
+        val_set = data.Subset(full, range(args.synthetic_n, len(full)))
     loss = losses.get_loss(args.loss, **_key_values(args.loss_arg))
     trainer = Trainer(model, loss, train_set, val_set, out_dir=args.out, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed, crop_size=args.crop,

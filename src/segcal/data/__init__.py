@@ -10,4 +10,5 @@ from .folder import SegmentationFolder as SegmentationFolder
 from .folder import read_image as read_image
 from .folder import read_label as read_label
 from .store import LogitsStore as LogitsStore
+from .subset import Subset as Subset
 from .synthetic import SyntheticSegmentation as SyntheticSegmentation

@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from segcal.data.subset import normalize_index
+
 __all__ = [
     "ANOMALY_SOURCES",
     "OOD_LABEL",
@@ -378,13 +380,7 @@ class PastedAnomalyDataset(Sequence):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
-        if isinstance(index, slice):
-            raise TypeError("PastedAnomalyDataset does not support slicing; index one sample at a time")
-        n = len(self)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError(f"index {index} out of range for dataset of length {n}")
+        index = normalize_index(index, len(self), type(self).__name__)
         sample = dict(self.dataset[index])
         frame_seed = int(np.random.SeedSequence([self.seed, index]).generate_state(1)[0])
         image, target, ood = paste_anomalies(sample["image"], sample.get("target"), frame_seed, self.n_objects,

@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from segcal.data.subset import normalize_index
+
 __all__ = ["CORRUPTIONS", "CORRUPTION_PARAMS", "CorruptedDataset", "corrupt"]
 
 # Per-severity parameters (index = severity - 1). Values from Hendrycks & Dietterich (2019) / imagecorruptions 1.1.2
@@ -362,13 +364,7 @@ class CorruptedDataset(Sequence):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
-        if isinstance(index, slice):
-            raise TypeError("CorruptedDataset does not support slicing; index one sample at a time")
-        n = len(self)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError(f"index {index} out of range for dataset of length {n}")
+        index = normalize_index(index, len(self), type(self).__name__)
         sample = dict(self.dataset[index])
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, index]))
         sample["image"] = corrupt(sample["image"], self.name, self.severity, seed=rng)

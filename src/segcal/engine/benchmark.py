@@ -21,6 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from segcal.data.store import LogitsStore
+from segcal.data.subset import Subset
 from segcal.engine.evaluate import calibration_summary, evaluate_store, to_jsonable
 from segcal.engine.inference import predict
 from segcal.metrics import CalibrationMetrics, DetectionMetrics
@@ -80,44 +81,8 @@ def _log(message: str, cfg: BenchmarkConfig) -> None:
         print(f"[segcal {time.perf_counter() - _T0:6.0f}s] {message}", file=sys.stderr, flush=True)
 
 
-class Subset:
-    """Evenly spaced frames of a dataset (every sequence stays represented), keeping the dataset's attributes."""
-
-    def __init__(self, dataset: Any, n: int | None) -> None:
-        self.dataset = dataset
-        total = len(dataset)
-        self.indices = list(range(total)) if n is None or n >= total else \
-            np.linspace(0, total - 1, n).round().astype(int).tolist()
-        self.names = [dataset.names[i] for i in self.indices] if hasattr(dataset, "names") else None
-        for attr in ("class_names", "num_classes", "ignore_index", "split"):
-            if hasattr(dataset, attr):
-                setattr(self, attr, getattr(dataset, attr))
-        self.name = getattr(dataset, "name", type(dataset).__name__)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.dataset[self.indices[i]]
-
-
 # ------------------------------------------------------------------------------------------------------ logits
 SYNTHETIC_SPLITS = {"train": (0, 48), "val": (48, 72), "test": (72, 96)}
-
-
-class _Range:
-    """Images ``start..stop`` of a dataset (the synthetic splits share one colour palette)."""
-
-    def __init__(self, dataset: Any, start: int, stop: int, split: str) -> None:
-        self.dataset, self.start, self.split = dataset, start, split
-        self.names = [dataset[i]["name"] for i in range(start, stop)]
-        self.class_names, self.num_classes, self.ignore_index = None, dataset.num_classes, 255
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.dataset[self.start + i]
 
 
 def make_dataset(cfg: BenchmarkConfig, split: str) -> Any:
@@ -132,7 +97,9 @@ def make_dataset(cfg: BenchmarkConfig, split: str) -> Any:
         full = SyntheticSegmentation(SYNTHETIC_SPLITS["test"][1], size=(96, 128), num_classes=11, seed=0,
                                      void_fraction=0.05)
         start, stop = SYNTHETIC_SPLITS[split]
-        return _Range(full, start, stop, split)
+        part = Subset(full, range(start, stop))
+        part.names, part.split = [full[i]["name"] for i in part.indices], split
+        return part
     raise ValueError(f"unknown benchmark dataset {cfg.dataset!r}; choose camvid or synthetic")
 
 
@@ -156,7 +123,7 @@ def load_model(cfg: BenchmarkConfig, name: str) -> Any:
 def cached_store(model: Any, model_name: str, split: str, cfg: BenchmarkConfig, features: bool = True
                  ) -> tuple[LogitsStore, Any]:
     """Predict (or reuse) the logits store of ``model`` on a split, restricted to ``cfg.n_images``."""
-    dataset = Subset(make_dataset(cfg, split), cfg.n_images)
+    dataset = Subset.evenly_spaced(make_dataset(cfg, split), cfg.n_images)
     tag = split if cfg.n_images is None else f"{split}-n{cfg.n_images}"
     path = Path(cfg.cache) / "logits" / model_name / tag
     store = predict(model, dataset, path, batch_size=cfg.batch_size, features=features, progress=cfg.progress)
@@ -406,7 +373,7 @@ def evaluate_anomalies(model: Any, test_set: Any, detectors: dict[str, Any], cfg
     from segcal.data.anomalies import PastedAnomalyDataset
     from segcal.metrics.open_set import f1_optimal_threshold, open_set_miou
 
-    dataset = PastedAnomalyDataset(Subset(test_set, cfg.n_shift_images), seed=cfg.seed)
+    dataset = PastedAnomalyDataset(Subset.evenly_spaced(test_set, cfg.n_shift_images), seed=cfg.seed)
     metrics = {d: _new_detection_metrics(per_image=False) for d in detectors}
     kept: dict[str, list[Tensor]] = {d: [] for d in detectors}
     preds, targets, oods = [], [], []
@@ -438,7 +405,7 @@ def evaluate_corruptions(model: Any, test_set: Any, detectors: dict[str, Any], c
     """ECE (uncalibrated and per calibrator) and IDM AUROC per detector, per corruption and severity."""
     from segcal.data.corruptions import CorruptedDataset
 
-    base = Subset(test_set, cfg.n_shift_images)
+    base = Subset.evenly_spaced(test_set, cfg.n_shift_images)
     clean = _shift_point(model, base, detectors, calibrators, cfg, "clean")
     out: dict[str, dict[str, dict[str, float]]] = {}
     for corruption in cfg.corruptions:
