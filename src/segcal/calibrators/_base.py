@@ -594,3 +594,10 @@ def fit_nll(params: list[Tensor], logits_fn: Callable[[Tensor], Tensor],
     def loss_sum(z: Tensor, y: Tensor) -> Tensor:
         return torch.nn.functional.cross_entropy(logits_fn(z.double()), y, reduction="sum")
     return streaming_lbfgs(params, loss_sum, chunks, max_iter=max_iter, penalty=penalty, reduce=reduce)
+
+
+def chunks_and_classes(source: BatchSource, ignore_index: int | None, max_pixels: int | None, seed: int
+                       ) -> tuple[Callable[[], Iterable[tuple[Tensor, Tensor]]], int]:
+    """:func:`pixel_chunks` plus the class count C (from the source, else from the first chunk)."""
+    chunks = pixel_chunks(source, ignore_index, max_pixels, seed)
+    return chunks, source.num_classes or next(iter(chunks()))[0].shape[1]

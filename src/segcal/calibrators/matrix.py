@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from segcal.calibrators._base import BatchSource, Calibrator, fit_nll, pixel_chunks
+from segcal.calibrators._base import BatchSource, Calibrator, chunks_and_classes, fit_nll
 
 
 class MatrixScaling(Calibrator):
@@ -52,8 +52,7 @@ class MatrixScaling(Calibrator):
         self.seed = seed
 
     def _fit(self, source: BatchSource) -> None:
-        chunks = pixel_chunks(source, self.ignore_index, self.max_pixels, self.seed)
-        c = source.num_classes or next(iter(chunks()))[0].shape[1]
+        chunks, c = chunks_and_classes(source, self.ignore_index, self.max_pixels, self.seed)
         eye = torch.eye(c, dtype=torch.float64)
         w = eye.clone().requires_grad_(True)
         b = torch.zeros(c, dtype=torch.float64, requires_grad=True)
