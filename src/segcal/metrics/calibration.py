@@ -438,6 +438,8 @@ class CalibrationMetrics(Metric):
         ace_resolution: number of bins of the adaptive-ECE fine histogram (on ``t = -log2(1 - c)``).
         classwise: compute ``cw_ece`` (the only part that touches all C probabilities of every pixel after the
             softmax; ``False`` saves about 40 % of the update time).
+        validate_args: check every batch (shapes, dtypes, finite values, label range); ``False`` skips the checks
+            (and their host syncs) as torchmetrics' ``validate_args`` does: wrong input then gives wrong numbers.
 
     Shape:
         - preds: :math:`(N, C, H, W)` float (float16/bfloat16 accepted)
@@ -462,13 +464,15 @@ class CalibrationMetrics(Metric):
     """
 
     is_differentiable = False
-    higher_is_better = False
+    higher_is_better = None  # mixed: errors (lower is better) next to accuracy and mIoU (higher is better)
     full_state_update = False
 
     def __init__(self, num_classes: int, n_bins: int = 15, ignore_index: int | None = 255, input: str = "logits",
                  exclude_classes: Iterable[int] | None = None, boundary_width: int | None = None,
-                 ace_resolution: int = 2**16, classwise: bool = True, **kwargs: object) -> None:
+                 ace_resolution: int = 2**16, classwise: bool = True, validate_args: bool = True,
+                 **kwargs: object) -> None:
         super().__init__(**kwargs)
+        self.validate_args = bool(validate_args)
         self._cfg = _make_config(num_classes, n_bins, ignore_index, input, exclude_classes, boundary_width,
                                  ace_resolution, bool(classwise))
         self.classwise = bool(classwise)
@@ -483,7 +487,8 @@ class CalibrationMetrics(Metric):
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Add one batch of (N, C, H, W) scores and (N, H, W) labels to the states."""
-        preds, target = _format_calibration(preds, target, self._cfg)
+        if self.validate_args:
+            preds, target = _format_calibration(preds, target, self._cfg)
         for k, v in _update_calibration(preds, target, self._cfg).items():
             setattr(self, k, getattr(self, k) + v.to(getattr(self, k).device))
 

@@ -187,7 +187,7 @@ class DetectionMetrics(Metric):
     """
 
     is_differentiable = False
-    higher_is_better = True
+    higher_is_better = None  # mixed: AUROC and AP (higher is better) next to FPR95 (lower is better)
     full_state_update = False
 
     def __init__(self, n_thresholds: int = 2**17, exact: bool = False,

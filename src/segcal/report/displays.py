@@ -12,6 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from segcal.metrics.reliability import ReliabilityDisplay
+
+__all__ = ["CurveDisplay", "PerClassDisplay", "ReliabilityDisplay", "SeverityDisplay"]
+
 
 def _axes(ax: Any = None, figsize: tuple[float, float] = (4.2, 3.6)) -> tuple[Any, Any]:
     import matplotlib
@@ -24,67 +28,6 @@ def _axes(ax: Any = None, figsize: tuple[float, float] = (4.2, 3.6)) -> tuple[An
     else:
         fig = ax.figure
     return fig, ax
-
-
-@dataclass
-class ReliabilityDisplay:
-    """Reliability diagram from per-bin statistics (``CalibrationMetrics.reliability()``).
-
-    Args:
-        edges: ``n_bins + 1`` bin edges on [0, 1].
-        counts: pixels per bin.
-        confidence: mean top-label confidence per bin (NaN for empty bins).
-        accuracy: accuracy per bin (NaN for empty bins).
-        label: legend / title text (method name).
-        ece: optional ECE to print on the plot.
-    """
-
-    edges: Sequence[float]
-    counts: Sequence[float]
-    confidence: Sequence[float]
-    accuracy: Sequence[float]
-    label: str = ""
-    ece: float | None = None
-
-    @classmethod
-    def from_reliability(cls, rel: Mapping[str, Any], label: str = "", ece: float | None = None
-                         ) -> ReliabilityDisplay:
-        return cls(edges=list(rel["edges"]), counts=list(rel["counts"]), confidence=list(rel["confidence"]),
-                   accuracy=list(rel["accuracy"]), label=label, ece=ece)
-
-    def plot(self, ax: Any = None) -> ReliabilityDisplay:
-        fig, ax = _axes(ax)
-        edges = np.asarray(self.edges, dtype=float)
-        counts = np.asarray(self.counts, dtype=float)
-        acc = np.nan_to_num(np.asarray(self.accuracy, dtype=float))
-        conf = np.asarray(self.confidence, dtype=float)
-        width = np.diff(edges)
-        centers = edges[:-1] + width / 2
-        nonempty = counts > 0
-        ax.bar(edges[:-1][nonempty], acc[nonempty], width=width[nonempty], align="edge", color="#4C72B0",
-               edgecolor="white", label="accuracy")
-        gap_lo = np.minimum(acc, np.nan_to_num(conf, nan=0.0))
-        gap = np.abs(np.nan_to_num(conf, nan=0.0) - acc)
-        ax.bar(edges[:-1][nonempty], gap[nonempty], bottom=gap_lo[nonempty], width=width[nonempty], align="edge",
-               color="#DD8452", alpha=0.55, edgecolor="#DD8452", hatch="//", label="|conf − acc| gap")
-        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-        share = counts / max(counts.sum(), 1.0)
-        ax2 = ax.twinx()
-        ax2.plot(centers[nonempty], share[nonempty], "o-", color="#55A868", ms=3, lw=1, label="pixel share")
-        ax2.set_ylim(0, 1)
-        ax2.set_ylabel("share of pixels", color="#55A868")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("confidence (max softmax)")
-        ax.set_ylabel("accuracy")
-        title = self.label + (f"  ECE={self.ece:.4f}" if self.ece is not None else "")
-        ax.set_title(title, fontsize=9)
-        handles, labels = ax.get_legend_handles_labels()
-        h2, l2 = ax2.get_legend_handles_labels()
-        ax.legend(handles + h2, labels + l2, loc="upper left", fontsize=7, frameon=False)
-        fig.tight_layout()
-        self.figure_, self.ax_ = fig, ax
-        return self
 
 
 @dataclass

@@ -136,8 +136,7 @@ def _calibration_section(results: Mapping[str, Any]) -> list[str]:
         figs = []
         for method, r in methods.items():
             if "reliability" in r:
-                disp = ReliabilityDisplay.from_reliability(r["reliability"], label=f"{eval_set}: {method}",
-                                                           ece=r.get("ece")).plot()
+                disp = ReliabilityDisplay.from_reliability(r["reliability"], label=f"{eval_set}: {method}")
                 figs.append(_figure(_fig_to_data_uri(disp.figure_), f"reliability — {method}", 300))
         if figs:
             parts.append('<div class="grid">' + "".join(figs) + "</div>")
