@@ -149,7 +149,8 @@ def test_load_errors(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"missing\.pt"):
         load(str(tmp_path / "missing.pt"))
     monkeypatch.delenv("SEGCAL_DATA", raising=False)
-    with pytest.raises(FileNotFoundError, match="SEGCAL_DATA"):
+    monkeypatch.chdir(tmp_path)  # the default data root ../shared/data does not exist from here
+    with pytest.raises(FileNotFoundError, match="SEGCAL_DATA is not set"):
         load("espnet-camvid")
     monkeypatch.setenv("SEGCAL_DATA", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"espnet_pretrained.*espnet_p_2_q_8\.pth"):

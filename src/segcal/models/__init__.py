@@ -1,14 +1,15 @@
 """segcal.models: the reference ESPNet, adapters for other frameworks, checkpoint loading.
 
-``load("espnet-camvid")`` / ``load("espnet-cityscapes")`` / ``load(path)`` return a :class:`Segmenter`;
+``load(spec)`` returns a :class:`Segmenter` for a published name (``"espnet-camvid"``), a segcal checkpoint, a
+TorchScript file or ``"file.py:callable"`` / ``"package.module:callable"`` (optionally ``"...@weights.pt"``);
 ``wrap(module)`` adapts any PyTorch segmentation network. See ``docs/models.md``.
 """
 
 from .adapters import wrap
-from .checkpoint import ARCHITECTURES, load_checkpoint, model_from_checkpoint, save_checkpoint
+from .checkpoint import ARCHITECTURES, load_checkpoint, load_weights, model_from_checkpoint, save_checkpoint
 from .espnet import ESPNet
 from .heads import MergeClasses, SelectChannels
-from .load import available_models, load
+from .load import available_models, load, resolve_device
 from .preprocess import Normalize
 from .pretrained import CITYSCAPES_TO_CAMVID, PRETRAINED, build_espnet, pretrained_path
 from .segmenter import Segmenter, extract_logits
@@ -27,8 +28,10 @@ __all__ = [
     "extract_logits",
     "load",
     "load_checkpoint",
+    "load_weights",
     "model_from_checkpoint",
     "pretrained_path",
+    "resolve_device",
     "save_checkpoint",
     "wrap",
 ]

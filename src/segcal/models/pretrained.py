@@ -1,16 +1,19 @@
 """The published ESPNet checkpoints (CamVid, Cityscapes→CamVid) as :class:`Segmenter` objects.
 
-Weights are *not* shipped with segcal: they are read from ``$SEGCAL_DATA/espnet_pretrained/decoder/`` (the
+Weights are *not* shipped with segcal: they are read from ``<data root>/espnet_pretrained/decoder/`` (data root:
+:func:`segcal.data.data_root`, i.e. ``$SEGCAL_DATA`` or ``../shared/data``; the
 ``pretrained/decoder`` folder of https://github.com/sacmehta/ESPNet, MIT licence).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
+
+from segcal._io import safe_torch_load
 
 from .espnet import ESPNet
 from .heads import MergeClasses, SelectChannels
@@ -67,21 +70,17 @@ PRETRAINED: dict[str, tuple[str, dict]] = {
 
 
 def pretrained_path(name: str) -> Path:
-    """Path of a published weights file; ``FileNotFoundError`` naming the path and ``SEGCAL_DATA`` when absent."""
+    """Path of a published weights file under :func:`segcal.data.data_root`; ``FileNotFoundError`` naming the path
+    and the SEGCAL_DATA rule when absent."""
     if name not in PRETRAINED:
         raise ValueError(f"unknown model name {name!r}; known names: {sorted(PRETRAINED)}")
-    root = os.environ.get("SEGCAL_DATA")
-    if not root:
-        raise FileNotFoundError(
-            f"model {name!r} needs the published ESPNet weights, looked up under "
-            f"$SEGCAL_DATA/espnet_pretrained/decoder/{PRETRAINED[name][0]}, but SEGCAL_DATA is not set. "
-            "Set SEGCAL_DATA to the folder holding espnet_pretrained/ (weights: "
-            "https://github.com/sacmehta/ESPNet/tree/master/pretrained/decoder)."
-        )
-    path = Path(root) / "espnet_pretrained" / "decoder" / PRETRAINED[name][0]
+    from segcal.data.spec import data_root, data_root_hint
+
+    path = data_root() / "espnet_pretrained" / "decoder" / PRETRAINED[name][0]
     if not path.is_file():
-        raise FileNotFoundError(f"model {name!r}: weights file not found at {path} (SEGCAL_DATA={root!r}). "
-                                "Download it from https://github.com/sacmehta/ESPNet/tree/master/pretrained/decoder")
+        raise FileNotFoundError(f"model {name!r}: weights file not found at {path} ({data_root_hint()}). "
+                                "Download it from https://github.com/sacmehta/ESPNet/tree/master/pretrained/decoder "
+                                "into <data root>/espnet_pretrained/decoder/")
     return path
 
 
@@ -159,11 +158,22 @@ def flush_subnormals(state: dict) -> dict:
     return state
 
 
+def load_weights_strict(net: nn.Module, state: dict, source: str) -> None:
+    """``net.load_state_dict(state, strict=True)`` with a one-line ``ValueError`` naming ``source`` on mismatch."""
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        raise ValueError(f"{source} does not fit the network: {' '.join(lines[1:3] or lines[:1])[:300]}") from err
+
+
 def load_pretrained(name: str, device: str | torch.device = "cpu") -> Segmenter:
     """Build the named published ESPNet and load its weights strictly (``weights_only=True``)."""
     path = pretrained_path(name)
     kwargs = PRETRAINED[name][1]
     seg = build_espnet(name=name, **kwargs)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    seg.net.load_state_dict(flush_subnormals(state), strict=True)
+    state = safe_torch_load(path, f"weights of {name!r}")
+    if not isinstance(state, dict):
+        raise ValueError(f"cannot read weights of {name!r} {path}: holds a {type(state).__name__}, not a state_dict")
+    load_weights_strict(seg.net, flush_subnormals(state), f"weights file {path}")
     return seg.eval().to(device)

@@ -13,27 +13,63 @@ from segcal._checks import check_tensor
 
 from .preprocess import as_image_batch
 
-__all__ = ["Segmenter", "extract_logits"]
+__all__ = ["Segmenter", "extract_logits", "meta_parameters"]
+
+
+_OUTPUT_HINT = ("pass `output=` to segcal.models.wrap (a function mapping the model's output to (N, C, H, W) "
+                "logits), or return logits from the callable")
+
+
+def _sample_logits(sample: object, index: int) -> Tensor:
+    sl = sample.seg_logits  # type: ignore[attr-defined]
+    data = getattr(sl, "data", sl)
+    if not isinstance(data, Tensor) or data.ndim != 3:
+        raise TypeError(f"data sample {index} of the model output has `.seg_logits` of type {type(data).__name__} "
+                        f"{tuple(getattr(data, 'shape', ()))}; expected a (C, H, W) tensor; {_OUTPUT_HINT}")
+    return data
 
 
 def extract_logits(out: object) -> Tensor:
     """Find the logits in a network's output.
 
-    Accepts a tensor, a torchvision-style dict (``"out"``, else ``"logits"``), an object with a ``.logits`` attribute
-    (Hugging Face ``SemanticSegmenterOutput``) or a tuple/list whose first element is one of these.
+    Accepted, in this order:
+
+    - a tensor ``(N, C, h, w)``;
+    - a dict (torchvision ``{"out": ..., "aux": ...}``, Hugging Face ``ModelOutput``) with an ``"out"``,
+      ``"logits"`` or ``"seg_logits"`` entry;
+    - a list/tuple of MMSegmentation-style data samples, each with ``.seg_logits`` whose ``.data`` is ``(C, H, W)``
+      (``model(x, mode="predict")``): stacked to ``(N, C, H, W)``;
+    - an object with a ``.logits`` or ``.seg_logits`` attribute (``.data`` taken when it is a ``PixelData``);
+    - a tuple/list whose first element is one of these (e.g. ``(logits, aux)``).
+
+    Anything else raises ``TypeError`` asking for ``wrap(..., output=fn)``.
+
+    Example:
+        >>> extract_logits({"seg_logits": torch.zeros(1, 3, 2, 2)}).shape
+        torch.Size([1, 3, 2, 2])
     """
     if isinstance(out, Tensor):
         return out
     if isinstance(out, dict):
-        for key in ("out", "logits"):
+        for key in ("out", "logits", "seg_logits"):
             if key in out:
                 return extract_logits(out[key])
-        raise TypeError(f"model returned a dict without an 'out' or 'logits' entry (keys: {sorted(out)})")
-    if hasattr(out, "logits"):
-        return extract_logits(out.logits)
+        raise TypeError(f"model returned a dict without an 'out', 'logits' or 'seg_logits' entry (keys: "
+                        f"{sorted(map(str, out))}); {_OUTPUT_HINT}")
+    if isinstance(out, (tuple, list)) and out and all(hasattr(s, "seg_logits") for s in out):
+        return torch.stack([_sample_logits(s, i) for i, s in enumerate(out)])
+    for attr in ("logits", "seg_logits"):
+        if hasattr(out, attr):
+            value = getattr(out, attr)
+            return extract_logits(getattr(value, "data", value) if not isinstance(value, Tensor) else value)
     if isinstance(out, (tuple, list)) and out:
         return extract_logits(out[0])
-    raise TypeError(f"cannot find logits in a model output of type {type(out).__name__}")
+    raise TypeError(f"cannot find logits in a model output of type {type(out).__name__}; {_OUTPUT_HINT}")
+
+
+def meta_parameters(module: nn.Module) -> list[str]:
+    """Names of parameters / buffers of ``module`` on the ``meta`` device (no data: the model cannot run)."""
+    return [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
 
 
 def _check_input(x: object) -> Tensor:
@@ -41,6 +77,8 @@ def _check_input(x: object) -> Tensor:
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"`x` must be a preprocessed float batch of shape (N, 3, H, W), got {tuple(x.shape)}; "
                          "use `Segmenter.preprocess(images)` on uint8 (N, H, W, 3) images first")
+    if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"`x` is empty: shape {tuple(x.shape)}; need at least one image of positive height and width")
     if not x.is_floating_point():
         raise TypeError(f"`x` must be a float tensor (output of `preprocess`), got {x.dtype}")
     return x
@@ -70,6 +108,8 @@ class Segmenter(nn.Module):
             (``"output"``) is returned by :meth:`forward_with_features`; ``None`` disables features.
         feature_channels: channel count F of that feature map (``None`` if unknown).
         arch, arch_config: how to rebuild this segmenter from a checkpoint (see :mod:`segcal.models.checkpoint`).
+        output: callable mapping the net's raw output to logits ``(N, C, h, w)``; ``None`` uses
+            :func:`extract_logits`.
 
     Shape:
         - ``preprocess``: uint8 ``(N, H, W, 3)`` or ``(H, W, 3)`` → float ``(N, 3, H, W)``.
@@ -89,7 +129,7 @@ class Segmenter(nn.Module):
                  class_names: Sequence[str] | None = None, name: str = "custom", head: nn.Module | None = None,
                  size_divisor: int = 1, pad_mode: str = "reflect", feature_layer: str | None = None,
                  feature_from: str = "input", feature_channels: int | None = None, arch: str | None = None,
-                 arch_config: dict | None = None) -> None:
+                 arch_config: dict | None = None, output: Callable[[object], Tensor] | None = None) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"`net` must be a torch.nn.Module, got {type(net).__name__}")
@@ -107,6 +147,9 @@ class Segmenter(nn.Module):
             raise ValueError(f"`pad_mode` must be 'reflect', 'replicate' or 'constant', got {pad_mode!r}")
         if feature_from not in ("input", "output"):
             raise ValueError(f"`feature_from` must be 'input' or 'output', got {feature_from!r}")
+        if output is not None and not callable(output):
+            raise TypeError(f"`output` must be a callable (model output -> logits) or None, got "
+                            f"{type(output).__name__}")
         if feature_layer is not None:
             net.get_submodule(feature_layer)  # fail now, not at the first call
         self.net = net
@@ -122,6 +165,7 @@ class Segmenter(nn.Module):
         self.feature_channels = feature_channels
         self.arch = arch
         self.arch_config = dict(arch_config or {})
+        self.output = output
         if isinstance(preprocess, nn.Module):
             self.preprocessor = preprocess  # registered so .to(device) moves its buffers
 
@@ -155,12 +199,23 @@ class Segmenter(nn.Module):
         _check_input(x)
         h, w = x.shape[-2:]
         xp = self._pad(x)
-        logits = extract_logits(self.net(xp))
+        logits = self.logits_of(self.net(xp))
         if logits.ndim != 4:
             raise ValueError(f"the wrapped model returned logits of shape {tuple(logits.shape)}; expected (N, C, h, w)")
         if logits.shape[-2:] != xp.shape[-2:]:
             logits = F.interpolate(logits, size=xp.shape[-2:], mode="bilinear", align_corners=False)
         return self.head(logits[..., :h, :w])
+
+    def logits_of(self, raw: object) -> Tensor:
+        """The logits in the net's raw output: ``output(raw)`` when an ``output`` callable was given, else
+        :func:`extract_logits`."""
+        if self.output is None:
+            return extract_logits(raw)
+        logits = self.output(raw)
+        if not isinstance(logits, Tensor):
+            raise TypeError(f"`output` of model {self.name!r} returned {type(logits).__name__}; it must return the "
+                            "logits tensor (N, C, h, w)")
+        return logits
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``(N, C, H, W)`` for a preprocessed batch ``(N, 3, H, W)``; differentiable."""
@@ -199,6 +254,10 @@ class Segmenter(nn.Module):
     # -- inference helpers ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _inference(self) -> Iterator[None]:
+        meta = meta_parameters(self)
+        if meta:
+            raise ValueError(f"model {self.name!r} has weights on the meta device (no data): {meta[:3]}; "
+                             "materialise them (e.g. load a state_dict with assign=True) before predicting")
         was_training = self.training
         self.eval()
         try:
