@@ -1,0 +1,367 @@
+r"""Conformal risk control for any per-image loss that is monotone in the threshold (the shared machinery).
+
+Conformal risk control (CRC). A threshold λ ∈ [0, 1] grows a prediction set per pixel,
+:math:`S_λ(x)_{hw} = \{k : s_k(x)_{hw} \le λ\}`, where the score is LAC, :math:`s_k = 1 - p_k`, or APS,
+:math:`s_k = \sum_{j \text{ ranked above } k} p_j` (the class mass ranked above k). A
+per-image loss :math:`L_i(λ) \in [0, B]` that never increases with λ is controlled at level α by
+
+.. math::
+    \hat λ = \inf\Big\{ λ : \frac{n}{n+1} \hat R_n(λ) + \frac{B}{n+1} \le α \Big\},
+    \qquad \hat R_n(λ) = \frac1n \sum_{i=1}^n L_i(λ),
+
+which gives :math:`\mathbb E[L_{n+1}(\hat λ)] \le α` for a new image exchangeable with the n calibration images
+(Angelopoulos et al., Theorem 1). The guarantee is marginal, over the draw of the calibration split *and* the test
+image; it is per image, not per pixel; and it says nothing about images that are not exchangeable with the
+calibration images (another sequence, weather, camera or model shift).
+
+Computation. The infimum is taken over a grid: ``n_grid`` equally spaced λ on [0, 1]; with ``refine=True`` a second
+pass evaluates ``n_grid`` points inside the bracket of the coarse answer, so λ̂ is the exact infimum over a fixed grid
+of spacing ``1 / ((n_grid - 1) · n_grid)`` (the bracket only depends on the data through the monotone risk curve, so
+this is the same as searching the whole fine grid). Restricting λ to a grid can only make λ̂ larger — more
+conservative — never invalid. Per-image losses are summed as fixed-point integers (see ``_bounds``), so batches, the
+order of images and ranks cannot change λ̂; with ``torch.distributed`` initialised each rank passes its own shard and
+the sums are all-reduced.
+
+References:
+    A. N. Angelopoulos, S. Bates, A. Fisch, L. Lei, T. Schuster, "Conformal Risk Control", ICLR 2024,
+    arXiv:2208.02814. L. Mossina, J. Dalmau, L. Andéol, "Conformal Semantic Image Segmentation: Post-hoc
+    Quantification of Predictive Uncertainty", CVPR Workshops 2024, arXiv:2304.06052.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from segcal._checks import check_dense_scores
+from segcal.calibrators import Calibrator, NotFittedError
+from segcal.conformal._bounds import (
+    adjusted_risk,
+    all_reduce_sum,
+    check_monotone,
+    crc_index,
+    exceed_counts,
+    from_fixed,
+    make_grid,
+    refine_grid,
+    to_fixed,
+)
+from segcal.conformal._source import Source
+
+SCORES = ("lac", "aps")
+
+
+def class_scores(probs: Tensor, score: str = "lac") -> Tensor:
+    """Non-conformity score of every class, ``(N, C, H, W)`` float64 in [0, 1]; class k is in the set iff s_k ≤ λ.
+
+    ``"lac"``: ``1 - p_k``. ``"aps"``: the probability mass of the classes ranked strictly above k (APS without
+    randomisation at its lower end, u = 0: the top class always scores 0, so a set is never empty; ties broken by the
+    stable sort order). The inclusive variant (u = 1) gives the top class a score near 1 on confident pixels — empty
+    sets below that λ and a step of the risk curve at λ ≈ 1 — which is why it is not used. At λ = 1 every class is in.
+    """
+    p = probs.double()
+    if score == "lac":
+        return (1.0 - p).clamp_(0.0, 1.0)
+    if score == "aps":
+        sorted_p, order = torch.sort(p, dim=1, descending=True, stable=True)
+        cum = (sorted_p.cumsum(1) - sorted_p).clamp_(0.0, 1.0)
+        return torch.empty_like(p).scatter_(1, order, cum)
+    raise ValueError(f"`score` must be one of {SCORES}, got {score!r}")
+
+
+class RiskControl:
+    r"""Conformal risk control of a user-given per-image loss, monotone (non-increasing) in λ.
+
+    See the module docstring for the equation and the guarantee. The loss is called once per grid point and batch,
+    ``loss(pred_set, target, valid) -> (N,)``, with ``pred_set`` the bool sets ``(N, C, H, W)`` at that λ, ``target``
+    ``(N, H, W)`` and ``valid`` the non-void pixels ``(N, H, W)``; it must return one value in ``[0, bound]`` per image
+    and never increase when the sets grow. Monotonicity (and the range) is **checked** on every calibration image on
+    the grid; a loss that rises somewhere is refused with an explanation (a check on the data seen, so a necessary
+    condition — the maths needs it for every image). ``n_grid`` calls per batch make a user loss slower than the
+    vectorised :class:`CoverageRiskControl` / :class:`FNRControl`; lower ``n_grid`` if needed.
+
+    Args:
+        loss: callable ``(pred_set, target, valid) -> (N,)`` per-image losses.
+        alpha: target risk level α ∈ (0, 1).
+        bound: B, an upper bound of the loss (1 for fractions and indicators).
+        score: ``"lac"`` or ``"aps"`` class scores.
+        calibrator: a **fitted** post-hoc calibrator (``segcal.calibrators``) applied to the logits first, or None.
+            Fit it on data disjoint from the calibration split: scores that depend on the calibration images void
+            the exchangeability argument.
+        ignore_index: void label, excluded from losses and set sizes; None = no void label.
+        n_grid: grid size.
+        refine: second pass inside the coarse bracket (needs re-iterable data).
+        batch_size: images per batch when reading tensors or a store.
+
+    Attributes:
+        threshold_ (float): λ̂ (alias ``lambda_hat_``). risk_bound_ (float): the upper bound used,
+            ``(n R̂_n(λ̂) + B)/(n+1) ≤ α``. empirical_risk_ (float): ``R̂_n(λ̂)``. set_size_ (float): mean set size per
+            valid pixel (classes; for masks, the fraction of pixels in the mask) on the calibration split at λ̂.
+            n_calibration_ (int): n. grid_ (Tensor): coarse grid. risk_curve_ (Tensor): ``R̂_n`` on ``grid_``.
+            set_size_curve_ (Tensor): mean set size on ``grid_``. feasible_ (bool): some λ met the bound.
+            num_classes_ (int).
+
+    References:
+        Angelopoulos et al., "Conformal Risk Control", arXiv:2208.02814.
+
+    Example:
+        >>> def miss(pred_set, target, valid):   # fraction of valid pixels whose true class is not in the set
+        ...     hit = pred_set.gather(1, target.clamp_max(pred_set.shape[1] - 1)[:, None])[:, 0]
+        ...     return ((~hit) & valid).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> z, y = torch.randn(40, 3, 8, 8, generator=g) * 2, torch.randint(0, 3, (40, 8, 8), generator=g)
+        >>> rc = RiskControl(miss, alpha=0.2, n_grid=51).fit(z, y)
+        >>> rc.risk_bound_ <= 0.2, rc.predict(z).shape
+        (True, torch.Size([40, 3, 8, 8]))
+    """
+
+    _learned = ("threshold_", "risk_bound_", "empirical_risk_", "set_size_", "n_calibration_", "grid_",
+                "risk_curve_", "set_size_curve_", "feasible_", "num_classes_")
+
+    def __init__(self, loss: Callable[[Tensor, Tensor, Tensor], Tensor], *, alpha: float = 0.1, bound: float = 1.0,
+                 score: str = "lac", calibrator: Calibrator | None = None, ignore_index: int | None = 255,
+                 n_grid: int = 1001, refine: bool = True, batch_size: int = 4) -> None:
+        self.loss = loss
+        self.alpha = alpha
+        self.bound = bound
+        self.score = score
+        self.calibrator = calibrator
+        self.ignore_index = ignore_index
+        self.n_grid = n_grid
+        self.refine = refine
+        self.batch_size = batch_size
+
+    # -- sklearn-style parameters ------------------------------------------------------------------------------
+    def get_params(self) -> dict[str, Any]:
+        """Hyperparameters, as passed to ``__init__``."""
+        sig = inspect.signature(type(self).__init__)
+        return {k: getattr(self, k) for k in sig.parameters if k != "self"}
+
+    def set_params(self, **params: Any) -> RiskControl:
+        valid = self.get_params()
+        for k, v in params.items():
+            if k not in valid:
+                raise ValueError(f"invalid parameter {k!r} for {type(self).__name__}; valid: {sorted(valid)}")
+            setattr(self, k, v)
+        return self
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    @property
+    def lambda_hat_(self) -> float:
+        """Alias of ``threshold_`` (the paper's λ̂)."""
+        self._check_fitted()
+        return self.threshold_
+
+    # -- checks -------------------------------------------------------------------------------------------------
+    def _check_params(self) -> None:
+        if not (isinstance(self.alpha, (int, float)) and 0.0 < self.alpha < 1.0):
+            raise ValueError(f"`alpha` must be in (0, 1), got {self.alpha!r}")
+        if not (isinstance(self.bound, (int, float)) and self.bound > 0):
+            raise ValueError(f"`bound` must be a positive number, got {self.bound!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"`score` must be one of {SCORES}, got {self.score!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive int, got {self.batch_size!r}")
+        cal = self.calibrator
+        if cal is not None:
+            if not callable(getattr(cal, "transform", None)):
+                raise TypeError(f"`calibrator` must be a fitted segcal calibrator (with transform), got "
+                                f"{type(cal).__name__}")
+            if isinstance(cal, Calibrator) and not hasattr(cal, "num_classes_"):
+                raise ValueError(f"`calibrator`={type(cal).__name__} is not fitted: fit it on data disjoint from the "
+                                 "calibration split first (fitting it on the calibration images would make the scores "
+                                 "depend on them and void the exchangeability behind the guarantee)")
+            if getattr(cal, "needs_images", False):
+                raise ValueError(f"`calibrator`={type(cal).__name__} needs images; the risk controllers see logits "
+                                 "only — use a logits-only calibrator")
+        make_grid(self.n_grid)
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "num_classes_"):
+            raise NotFittedError(f"this {type(self).__name__} instance is not fitted yet; call fit(logits, target) "
+                                 "first")
+
+    # -- scores and per-image curves ---------------------------------------------------------------------------
+    def scores(self, logits: Tensor) -> Tensor:
+        """Class scores ``(N, C, H, W)`` float64 in [0, 1] from logits (through ``calibrator`` when given)."""
+        z = logits
+        if self.calibrator is not None:
+            z = self.calibrator.transform(z)
+        with torch.no_grad():
+            return class_scores(torch.softmax(z.double(), dim=1), self.score)
+
+    def _valid(self, target: Tensor) -> Tensor:
+        if self.ignore_index is None:
+            return torch.ones_like(target, dtype=torch.bool)
+        return target != self.ignore_index
+
+    def _curves(self, scores: Tensor, target: Tensor, valid: Tensor, grid: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """Per image and grid point: losses ``(N, G)`` float64, set sizes ``(N, G)`` int64, ``counted (N,)`` bool.
+
+        ``counted`` marks the images that enter n (all of them, unless a subclass skips some).
+        """
+        n = scores.shape[0]
+        tgt = torch.where(valid, target, 0)
+        losses = torch.empty(n, grid.numel(), dtype=torch.float64)
+        for g, lam in enumerate(grid.tolist()):
+            out = self.loss(scores <= lam, tgt, valid)
+            if not isinstance(out, Tensor) or out.shape != (n,):
+                raise ValueError(f"`loss` must return a tensor of shape (N,) = ({n},), got "
+                                 f"{getattr(out, 'shape', type(out).__name__)}")
+            losses[:, g] = out.double()
+        return losses, self._set_sizes(scores, valid, grid), torch.ones(n, dtype=torch.bool)
+
+    @staticmethod
+    def _set_sizes(scores: Tensor, valid: Tensor, grid: Tensor) -> Tensor:
+        """Per image and λ, the number of (valid pixel, class) pairs in the set, ``(N, G)`` int64."""
+        c = scores.shape[1]
+        mask = valid[:, None].expand_as(scores)
+        total = valid.flatten(1).sum(1, dtype=torch.int64)[:, None] * c
+        return total - exceed_counts(scores, mask, grid)
+
+    def per_image_curves(self, data: object, target: Tensor | None = None, grid: Tensor | None = None
+                         ) -> dict[str, Any]:
+        """Per-image loss and set-size curves on a grid, one pass (for re-split studies and plots).
+
+        Args:
+            data, target: any accepted data form (see ``fit``).
+            grid: sorted float64 thresholds; defaults to the coarse grid ``make_grid(n_grid)``.
+
+        Returns:
+            ``{"grid" (G,), "names" [N], "losses" (N, G) float64, "set_sizes" (N, G) int64, "valid_pixels" (N,)
+            int64, "counted" (N,) bool}``. Summing the fixed-point losses of any subset and calling
+            :func:`~segcal.conformal.threshold_from_curves` gives exactly the λ̂ that ``fit`` would find on that
+            subset with ``refine=False``.
+        """
+        self._check_params()
+        grid = make_grid(self.n_grid) if grid is None else grid.double()
+        out: dict[str, list[Any]] = {"names": [], "losses": [], "set_sizes": [], "valid_pixels": [], "counted": []}
+        for logits, tgt, names in Source(data, target, ignore_index=self.ignore_index, batch_size=self.batch_size):
+            self._check_classes(logits.shape[1])
+            valid = self._valid(tgt)
+            losses, sizes, counted = self._curves(self.scores(logits), tgt, valid, grid)
+            err = check_monotone(losses, grid, self.bound, names)
+            if err is not None:
+                raise ValueError(err)
+            out["names"] += names
+            out["losses"].append(losses)
+            out["set_sizes"].append(sizes)
+            out["valid_pixels"].append(valid.flatten(1).sum(1, dtype=torch.int64))
+            out["counted"].append(counted)
+        return {"grid": grid, "names": out["names"], **{k: torch.cat(out[k]) for k in
+                                                          ("losses", "set_sizes", "valid_pixels", "counted")}}
+
+    def _check_classes(self, c: int) -> None:
+        """Hook: validate the class count of the data (FNR checks its class index)."""
+
+    def _mask_class(self) -> int | None:
+        """The class of a single-mask controller (its pixel coverage is that class's recall); None for sets."""
+        return None
+
+    # -- fitting ------------------------------------------------------------------------------------------------
+    def _pass(self, source: Source, grid: Tensor) -> tuple[int, int, Tensor, Tensor]:
+        """One pass: (n counted images, valid pixels, fixed-point loss sums (G,), set-size sums (G,)), all-reduced."""
+        g = grid.numel()
+        stats = torch.zeros(3 + 2 * g, dtype=torch.int64)  # n, valid pixels, violations, loss sums, set sizes
+        error: str | None = None
+        for logits, tgt, names in source:
+            self._check_classes(logits.shape[1])
+            valid = self._valid(tgt)
+            losses, sizes, counted = self._curves(self.scores(logits), tgt, valid, grid)
+            if error is None:
+                error = check_monotone(losses, grid, self.bound, names)
+            stats[0] += int(counted.sum())
+            stats[1] += int(valid.sum())
+            stats[3:3 + g] += to_fixed(losses[counted], self.bound).sum(0)
+            stats[3 + g:] += sizes.sum(0)
+        stats[2] = int(error is not None)
+        all_reduce_sum(stats)
+        if stats[2] > 0:
+            raise ValueError(error or "the loss is not monotone in the threshold on another rank's data (see that "
+                             "rank's error)")
+        if stats[0] == 0:
+            raise ValueError("no calibration image counts towards the risk (every image was empty or skipped)")
+        return int(stats[0]), int(stats[1]), stats[3:3 + g], stats[3 + g:]
+
+    def fit(self, data: object, target: Tensor | None = None) -> RiskControl:
+        """Find λ̂ on a calibration split.
+
+        Args:
+            data: ``logits (N, C, H, W)`` with ``target``; or a :class:`~segcal.data.LogitsStore`; or an iterable /
+                zero-argument callable of batches ``(logits, target)`` / ``{"logits", "target"[, "names"]}``; a
+                one-shot iterator works with ``refine=False``. Under ``torch.distributed`` give each rank its shard.
+            target: labels ``(N, H, W)`` when ``data`` is a tensor.
+
+        Returns:
+            self.
+
+        Raises:
+            ValueError: bad shapes / labels / NaN logits, empty data, a loss that is not monotone in λ.
+        """
+        self._check_params()
+        for name in self._learned:
+            self.__dict__.pop(name, None)
+        source = Source(data, target, ignore_index=self.ignore_index, batch_size=self.batch_size)
+        grid = make_grid(self.n_grid)
+        n, pixels, loss_fp, sizes = self._pass(source, grid)
+        loss_sum = from_fixed(loss_fp, self.bound)
+        idx = crc_index(loss_sum, n, self.alpha, self.bound)
+        self.grid_ = grid
+        self.risk_curve_ = loss_sum / n
+        self.set_size_curve_ = sizes.double() / max(pixels, 1)
+        self.n_calibration_ = n
+        self.feasible_ = idx is not None
+        if idx is None:
+            warnings.warn(f"no threshold meets the CRC bound at alpha={self.alpha} with n={n} calibration images "
+                          f"(the bound needs (sum of losses + B)/(n+1) <= alpha, so at least n >= B/alpha - 1 = "
+                          f"{self.bound / self.alpha - 1:.0f} images, and a loss that reaches it); using λ = 1 "
+                          "(the largest sets), which carries no guarantee", RuntimeWarning, stacklevel=2)
+            idx = grid.numel() - 1
+        lam_grid, lam_loss, lam_size = grid, loss_sum, sizes
+        if self.refine and self.feasible_ and idx > 0:
+            fine = refine_grid(grid, idx, self.n_grid)
+            _, _, f_fp, f_sizes = self._pass(source, fine)
+            f_sum = from_fixed(f_fp, self.bound)
+            j = crc_index(f_sum, n, self.alpha, self.bound)
+            j = fine.numel() - 1 if j is None else j  # the last fine point is the coarse point, which qualified
+            lam_grid, lam_loss, lam_size, idx = fine, f_sum, f_sizes, j
+        self.threshold_ = float(lam_grid[idx])
+        self.empirical_risk_ = float(lam_loss[idx] / n)
+        self.risk_bound_ = float(adjusted_risk(lam_loss[idx], n, self.bound))
+        self.set_size_ = float(lam_size[idx].double() / max(pixels, 1))
+        self.num_classes_ = int(source.num_classes)  # type: ignore[arg-type]
+        return self
+
+    def threshold_for(self, alpha: float) -> float:
+        """λ̂ on the coarse grid for another level α, from the stored calibration risk curve (no data pass)."""
+        self._check_fitted()
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"`alpha` must be in (0, 1), got {alpha!r}")
+        idx = crc_index(self.risk_curve_ * self.n_calibration_, self.n_calibration_, alpha, self.bound)
+        return float(self.grid_[-1 if idx is None else idx])
+
+    # -- prediction ---------------------------------------------------------------------------------------------
+    def _checked_scores(self, logits: Tensor) -> Tensor:
+        self._check_fitted()
+        logits = check_dense_scores(logits)
+        if logits.shape[1] != self.num_classes_:
+            raise ValueError(f"`logits` has C={logits.shape[1]} classes but {type(self).__name__} was fitted with "
+                             f"C={self.num_classes_}")
+        return self.scores(logits)
+
+    def predict(self, logits: Tensor) -> Tensor:
+        """Prediction sets at λ̂: bool ``(N, C, H, W)``, class k in the set of a pixel iff its score ≤ λ̂."""
+        return self._checked_scores(logits) <= self.threshold_
+
+    def set_size(self, logits: Tensor) -> Tensor:
+        """Number of classes in every pixel's set at λ̂, int64 ``(N, H, W)``."""
+        return self.predict(logits).sum(1)
