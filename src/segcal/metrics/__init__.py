@@ -3,7 +3,8 @@
 Public API: :class:`CalibrationMetrics` and :class:`DetectionMetrics` (dicts of values), the scalar torchmetrics
 metrics (:class:`ExpectedCalibrationError`, :class:`MaximumCalibrationError`, :class:`AdaptiveCalibrationError`,
 :class:`ClasswiseCalibrationError`, :class:`NegativeLogLikelihood`, :class:`BrierScore`,
-:class:`OverconfidenceError`), :class:`ReliabilityDisplay`, :func:`boundary_mask` and the one-shot
+:class:`OverconfidenceError`), :class:`ReliabilityDisplay`, the paired bootstrap over images
+(:class:`PerImageCalibrationStats`, :func:`paired_bootstrap`), :func:`boundary_mask` and the one-shot
 :mod:`segcal.metrics.functional`.
 """
 
@@ -11,6 +12,7 @@ import warnings
 from typing import Any
 
 from segcal.metrics import functional
+from segcal.metrics.bootstrap import PerImageCalibrationStats, bootstrap_indices, paired_bootstrap
 from segcal.metrics.boundary import boundary_mask
 from segcal.metrics.calibration import CalibrationMetrics
 from segcal.metrics.detection import DetectionMetrics
@@ -28,7 +30,8 @@ from segcal.metrics.scalar import (
 __all__ = [
     "AdaptiveCalibrationError", "BrierScore", "CalibrationMetrics", "ClasswiseCalibrationError", "DetectionMetrics",
     "ExpectedCalibrationError", "MaximumCalibrationError", "NegativeLogLikelihood", "OverconfidenceError",
-    "ReliabilityDisplay", "boundary_mask", "functional",
+    "PerImageCalibrationStats", "ReliabilityDisplay", "bootstrap_indices", "boundary_mask", "functional",
+    "paired_bootstrap",
 ]
 
 
