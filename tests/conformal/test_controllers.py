@@ -17,6 +17,7 @@ from segcal.conformal import (
     class_scores,
     clopper_pearson,
     evaluate,
+    image_curves,
 )
 from segcal.data import LogitsStore
 
@@ -297,3 +298,20 @@ def test_evaluate_reports_risk_intervals_classes_and_subsets(data) -> None:
     assert ft["pixel_coverage"] == pytest.approx(float((mask & pos).sum()) / float(pos.sum()))
     with pytest.raises(TypeError, match="controller"):
         evaluate(object(), None, {})
+
+
+def test_image_curves_one_pass_equals_separate_passes(data) -> None:
+    z, y = data
+    ctrls = [CoverageRiskControl(alpha=0.1, n_grid=101), CoverageRiskControl(loss="fraction", n_grid=101),
+             CoverageRiskControl(score="aps", n_grid=101), FNRControl(class_index=2, n_grid=101)]
+    together = image_curves(ctrls, z, y)
+    for ctrl, cur in zip(ctrls, together, strict=True):
+        alone = ctrl.per_image_curves(z, y)
+        for key in ("losses", "set_sizes", "valid_pixels", "counted", "grid"):
+            assert torch.equal(cur[key], alone[key]), key
+        assert cur["names"] == alone["names"] == [str(i) for i in range(80)]
+    # set sizes are exact counts: for LAC at λ, the number of (valid pixel, class) pairs with p >= 1 - λ
+    p = torch.softmax(z.double(), 1)
+    lam = float(together[0]["grid"][37])
+    ref = ((p >= 1 - lam) & (y != 255)[:, None]).flatten(1).sum(1)
+    assert torch.equal(together[0]["set_sizes"][:, 37], ref)

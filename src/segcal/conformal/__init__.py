@@ -17,7 +17,7 @@ from segcal.conformal._bounds import clopper_pearson, crc_index, make_grid
 from segcal.conformal.coverage import CoverageRiskControl
 from segcal.conformal.evaluate import evaluate, resplit_thresholds, threshold_from_curves
 from segcal.conformal.fnr import FNRControl
-from segcal.conformal.risk import RiskControl, class_scores
+from segcal.conformal.risk import RiskControl, class_scores, image_curves
 
 __all__ = [
     "CoverageRiskControl",
@@ -28,6 +28,7 @@ __all__ = [
     "clopper_pearson",
     "crc_index",
     "evaluate",
+    "image_curves",
     "make_grid",
     "resplit_thresholds",
     "threshold_from_curves",

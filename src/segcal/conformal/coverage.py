@@ -88,12 +88,11 @@ class CoverageRiskControl(RiskControl):
         s_true = scores.gather(1, torch.where(valid, target, 0)[:, None])[:, 0]
         return exceed_counts(s_true, valid, grid)
 
-    def _curves(self, scores: Tensor, target: Tensor, valid: Tensor, grid: Tensor
-                ) -> tuple[Tensor, Tensor, Tensor]:
+    def _curves(self, scores: Tensor, target: Tensor, valid: Tensor, grid: Tensor) -> tuple[Tensor, Tensor]:
         missed = self._miss_counts(scores, target, valid, grid)
         n_valid = valid.flatten(1).sum(1, dtype=torch.int64)[:, None]
         if self.loss == "indicator":
             losses = (missed.double() > self.epsilon * n_valid.double()).double()
         else:
             losses = missed.double() / n_valid.clamp_min(1).double()
-        return losses, self._set_sizes(scores, valid, grid), torch.ones(scores.shape[0], dtype=torch.bool)
+        return losses, torch.ones(scores.shape[0], dtype=torch.bool)

@@ -184,7 +184,8 @@ def _evaluate_split(ctrl: RiskControl, data: object, grid: Tensor, at: int, swee
                              f"C={c}")
         valid = ctrl._valid(target)
         scores = ctrl.scores(logits)
-        losses, sizes, counted = ctrl._curves(scores, target, valid, grid)
+        losses, counted = ctrl._curves(scores, target, valid, grid)
+        sizes = ctrl._set_sizes(scores, valid, grid)
         sets = scores <= lam
         tgt = torch.where(valid, target, 0)
         onehot = torch.nn.functional.one_hot(tgt, c).permute(0, 3, 1, 2).bool() & valid[:, None]

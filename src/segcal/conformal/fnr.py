@@ -85,19 +85,18 @@ class FNRControl(RiskControl):
     def _mask_class(self) -> int | None:
         return self.class_index
 
-    def scores(self, logits: Tensor) -> Tensor:
+    def _select(self, scores: Tensor) -> Tensor:
         """Score of the class of interest, ``1 - p_k``, float64 ``(N, 1, H, W)``; a pixel is in the mask iff ≤ λ."""
-        return super().scores(logits)[:, self.class_index:self.class_index + 1]
+        return scores[:, self.class_index:self.class_index + 1]
 
-    def _curves(self, scores: Tensor, target: Tensor, valid: Tensor, grid: Tensor
-                ) -> tuple[Tensor, Tensor, Tensor]:
+    def _curves(self, scores: Tensor, target: Tensor, valid: Tensor, grid: Tensor) -> tuple[Tensor, Tensor]:
         s = scores[:, 0]
         positive = valid & (target == self.class_index)
         n_pos = positive.flatten(1).sum(1, dtype=torch.int64)
         missed = exceed_counts(s, positive, grid)
         losses = missed.double() / n_pos.clamp_min(1).double()[:, None]
         counted = n_pos > 0 if not self.count_empty else torch.ones_like(n_pos, dtype=torch.bool)
-        return losses, self._set_sizes(scores, valid, grid), counted
+        return losses, counted
 
     def predict(self, logits: Tensor) -> Tensor:
         """Mask of class ``class_index`` at λ̂: bool ``(N, H, W)``, pixels with ``p_k ≥ 1 - λ̂``."""

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -191,21 +191,32 @@ class RiskControl:
 
     # -- scores and per-image curves ---------------------------------------------------------------------------
     def scores(self, logits: Tensor) -> Tensor:
-        """Class scores ``(N, C, H, W)`` float64 in [0, 1] from logits (through ``calibrator`` when given)."""
+        """Scores ``(N, C', H, W)`` float64 in [0, 1] from logits (through ``calibrator`` when given); a class / pixel
+        is in the prediction iff its score ≤ λ. C' = C for sets, 1 for a single-class mask."""
+        return self._select(self._class_scores(logits))
+
+    def _class_scores(self, logits: Tensor) -> Tensor:
         z = logits
         if self.calibrator is not None:
             z = self.calibrator.transform(z)
         with torch.no_grad():
             return class_scores(torch.softmax(z.double(), dim=1), self.score)
 
+    def _select(self, scores: Tensor) -> Tensor:
+        """Hook: the score channels the prediction uses (all classes for sets)."""
+        return scores
+
+    def _score_key(self) -> tuple[object, ...]:
+        """Controllers with equal keys share class scores in :func:`image_curves`."""
+        return (self.score, id(self.calibrator))
+
     def _valid(self, target: Tensor) -> Tensor:
         if self.ignore_index is None:
             return torch.ones_like(target, dtype=torch.bool)
         return target != self.ignore_index
 
-    def _curves(self, scores: Tensor, target: Tensor, valid: Tensor, grid: Tensor
-                ) -> tuple[Tensor, Tensor, Tensor]:
-        """Per image and grid point: losses ``(N, G)`` float64, set sizes ``(N, G)`` int64, ``counted (N,)`` bool.
+    def _curves(self, scores: Tensor, target: Tensor, valid: Tensor, grid: Tensor) -> tuple[Tensor, Tensor]:
+        """Per image and grid point: losses ``(N, G)`` float64 and ``counted (N,)`` bool.
 
         ``counted`` marks the images that enter n (all of them, unless a subclass skips some).
         """
@@ -218,7 +229,7 @@ class RiskControl:
                 raise ValueError(f"`loss` must return a tensor of shape (N,) = ({n},), got "
                                  f"{getattr(out, 'shape', type(out).__name__)}")
             losses[:, g] = out.double()
-        return losses, self._set_sizes(scores, valid, grid), torch.ones(n, dtype=torch.bool)
+        return losses, torch.ones(n, dtype=torch.bool)
 
     @staticmethod
     def _set_sizes(scores: Tensor, valid: Tensor, grid: Tensor) -> Tensor:
@@ -230,35 +241,8 @@ class RiskControl:
 
     def per_image_curves(self, data: object, target: Tensor | None = None, grid: Tensor | None = None
                          ) -> dict[str, Any]:
-        """Per-image loss and set-size curves on a grid, one pass (for re-split studies and plots).
-
-        Args:
-            data, target: any accepted data form (see ``fit``).
-            grid: sorted float64 thresholds; defaults to the coarse grid ``make_grid(n_grid)``.
-
-        Returns:
-            ``{"grid" (G,), "names" [N], "losses" (N, G) float64, "set_sizes" (N, G) int64, "valid_pixels" (N,)
-            int64, "counted" (N,) bool}``. Summing the fixed-point losses of any subset and calling
-            :func:`~segcal.conformal.threshold_from_curves` gives exactly the λ̂ that ``fit`` would find on that
-            subset with ``refine=False``.
-        """
-        self._check_params()
-        grid = make_grid(self.n_grid) if grid is None else grid.double()
-        out: dict[str, list[Any]] = {"names": [], "losses": [], "set_sizes": [], "valid_pixels": [], "counted": []}
-        for logits, tgt, names in Source(data, target, ignore_index=self.ignore_index, batch_size=self.batch_size):
-            self._check_classes(logits.shape[1])
-            valid = self._valid(tgt)
-            losses, sizes, counted = self._curves(self.scores(logits), tgt, valid, grid)
-            err = check_monotone(losses, grid, self.bound, names)
-            if err is not None:
-                raise ValueError(err)
-            out["names"] += names
-            out["losses"].append(losses)
-            out["set_sizes"].append(sizes)
-            out["valid_pixels"].append(valid.flatten(1).sum(1, dtype=torch.int64))
-            out["counted"].append(counted)
-        return {"grid": grid, "names": out["names"], **{k: torch.cat(out[k]) for k in
-                                                          ("losses", "set_sizes", "valid_pixels", "counted")}}
+        """Per-image loss and set-size curves on a grid, in one pass; see :func:`image_curves`."""
+        return image_curves([self], data, target, grid)[0]
 
     def _check_classes(self, c: int) -> None:
         """Hook: validate the class count of the data (FNR checks its class index)."""
@@ -276,7 +260,9 @@ class RiskControl:
         for logits, tgt, names in source:
             self._check_classes(logits.shape[1])
             valid = self._valid(tgt)
-            losses, sizes, counted = self._curves(self.scores(logits), tgt, valid, grid)
+            scores = self.scores(logits)
+            losses, counted = self._curves(scores, tgt, valid, grid)
+            sizes = self._set_sizes(scores, valid, grid)
             if error is None:
                 error = check_monotone(losses, grid, self.bound, names)
             stats[0] += int(counted.sum())
@@ -365,3 +351,60 @@ class RiskControl:
     def set_size(self, logits: Tensor) -> Tensor:
         """Number of classes in every pixel's set at λ̂, int64 ``(N, H, W)``."""
         return self.predict(logits).sum(1)
+
+
+def image_curves(controllers: Sequence[RiskControl], data: object, target: Tensor | None = None,
+                 grid: Tensor | None = None) -> list[dict[str, Any]]:
+    """Per-image loss and set-size curves of several controllers on a grid, in **one** pass over the data.
+
+    Controllers with the same score (and calibrator) share the softmax and the scores; the costly part is then the
+    set-size histogram, shared too. This is what re-split studies need: curves once, then any calibration subset's
+    λ̂ from :func:`~segcal.conformal.threshold_from_curves` / :func:`~segcal.conformal.resplit_thresholds`.
+
+    Args:
+        controllers: risk controllers (unfitted is fine); all must share ``ignore_index`` and ``batch_size``.
+        data, target: any accepted data form (see ``RiskControl.fit``).
+        grid: sorted float64 thresholds; defaults to each controller's coarse grid ``make_grid(n_grid)``.
+
+    Returns:
+        One dict per controller: ``{"grid" (G,), "names" [N], "losses" (N, G) float64, "set_sizes" (N, G) int64
+        (classes in the sets of the valid pixels; for a mask, pixels in it), "valid_pixels" (N,) int64, "counted" (N,)
+        bool}``.
+    """
+    controllers = list(controllers)
+    if not controllers or not all(isinstance(c, RiskControl) for c in controllers):
+        raise TypeError("`controllers` must be a non-empty sequence of risk controllers")
+    first = controllers[0]
+    if any(c.ignore_index != first.ignore_index for c in controllers):
+        raise ValueError("all controllers must share one ignore_index to be evaluated in one pass")
+    for c in controllers:
+        c._check_params()
+    grids = [make_grid(c.n_grid) if grid is None else grid.double() for c in controllers]
+    acc: list[dict[str, list[Any]]] = [{"losses": [], "set_sizes": [], "counted": []} for _ in controllers]
+    names: list[str] = []
+    valid_pixels: list[Tensor] = []
+    for logits, tgt, bnames in Source(data, target, ignore_index=first.ignore_index, batch_size=first.batch_size):
+        valid = first._valid(tgt)
+        full: dict[tuple[object, ...], Tensor] = {}
+        sizes: dict[tuple[object, ...], Tensor] = {}
+        for c, g, a in zip(controllers, grids, acc, strict=True):
+            c._check_classes(logits.shape[1])
+            key = c._score_key()
+            if key not in full:
+                full[key] = c._class_scores(logits)
+            scores = c._select(full[key])
+            losses, counted = c._curves(scores, tgt, valid, g)
+            err = check_monotone(losses, g, c.bound, bnames)
+            if err is not None:
+                raise ValueError(err)
+            skey = (*key, c._mask_class(), g.numpy().tobytes())
+            if skey not in sizes:
+                sizes[skey] = c._set_sizes(scores, valid, g)
+            a["losses"].append(losses)
+            a["set_sizes"].append(sizes[skey])
+            a["counted"].append(counted)
+        names += bnames
+        valid_pixels.append(valid.flatten(1).sum(1, dtype=torch.int64))
+    vp = torch.cat(valid_pixels)
+    return [{"grid": g, "names": list(names), "valid_pixels": vp, **{k: torch.cat(v) for k, v in a.items()}}
+            for g, a in zip(grids, acc, strict=True)]
