@@ -57,10 +57,13 @@ def exceed_counts(scores: Tensor, mask: Tensor, grid: Tensor) -> Tensor:
         ``(N, G)`` int64 counts, exact (a histogram of ``searchsorted`` positions, then a reverse cumulative sum).
     """
     n, g = scores.shape[0], grid.numel()
-    image = torch.arange(n).view(n, *([1] * (scores.ndim - 1))).expand_as(scores)[mask]
-    # position = number of grid points strictly below the score, so score > λ_g  ⇔  g < position
-    pos = torch.searchsorted(grid, scores[mask].contiguous(), right=False)
-    hist = torch.bincount(image * (g + 1) + pos, minlength=n * (g + 1)).view(n, g + 1)
+    # position = number of grid points strictly below the score, so score > λ_g  ⇔  g < position; entries outside
+    # the mask go to a sentinel bin g + 1, and each image gets its own block of g + 2 bins (one bincount, no
+    # boolean compaction of the big tensor)
+    pos = torch.searchsorted(grid, scores.reshape(n, -1).contiguous(), right=False)
+    pos.masked_fill_(~mask.reshape(n, -1), g + 1)
+    pos += (torch.arange(n) * (g + 2))[:, None]
+    hist = torch.bincount(pos.view(-1), minlength=n * (g + 2)).view(n, g + 2)[:, :g + 1]
     return hist.flip(1).cumsum(1).flip(1)[:, 1:]
 
 

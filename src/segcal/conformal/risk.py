@@ -68,9 +68,10 @@ def class_scores(probs: Tensor, score: str = "lac") -> Tensor:
     if score == "lac":
         return (1.0 - p).clamp_(0.0, 1.0)
     if score == "aps":
-        sorted_p, order = torch.sort(p, dim=1, descending=True, stable=True)
-        cum = (sorted_p.cumsum(1) - sorted_p).clamp_(0.0, 1.0)
-        return torch.empty_like(p).scatter_(1, order, cum)
+        last = p.movedim(1, -1).contiguous()  # sorting along a contiguous last axis is several times faster
+        sorted_p, order = torch.sort(last, dim=-1, descending=True, stable=True)
+        cum = (sorted_p.cumsum(-1) - sorted_p).clamp_(0.0, 1.0)
+        return torch.empty_like(last).scatter_(-1, order, cum).movedim(-1, 1)
     raise ValueError(f"`score` must be one of {SCORES}, got {score!r}")
 
 
