@@ -127,6 +127,8 @@ def test_streaming_equals_one_shot_and_store(data, tmp_path) -> None:
         assert other.set_size_ == ref.set_size_
     assert gen.threshold_ == coarse.threshold_
     assert from_store.threshold_ == from_half.threshold_
+    with pytest.raises(ValueError, match="ignore_index=255"):
+        CoverageRiskControl(ignore_index=None).fit(LogitsStore(tmp_path / "s"))
 
 
 def test_one_shot_iterator_needs_refine_false(data) -> None:
@@ -315,3 +317,35 @@ def test_image_curves_one_pass_equals_separate_passes(data) -> None:
     lam = float(together[0]["grid"][37])
     ref = ((p >= 1 - lam) & (y != 255)[:, None]).flatten(1).sum(1)
     assert torch.equal(together[0]["set_sizes"][:, 37], ref)
+
+
+def test_threshold_for_other_alpha_equals_a_coarse_fit(data) -> None:
+    z, y = data
+    ctrl = CoverageRiskControl(alpha=0.1, n_grid=201).fit(z, y)
+    for a in (0.05, 0.2, 0.3):
+        assert ctrl.threshold_for(a) == CoverageRiskControl(alpha=a, n_grid=201, refine=False).fit(z, y).threshold_
+    with pytest.raises(ValueError, match="alpha"):
+        ctrl.threshold_for(0.0)
+
+
+def test_save_load_round_trip_and_registry(data, tmp_path) -> None:
+    from segcal.conformal import get_controller, load
+
+    z, y = data
+    ts = TemperatureScaling().fit(*make_data(20, seed=9))
+    for ctrl in (CoverageRiskControl(alpha=0.2, calibrator=ts, n_grid=101),
+                 FNRControl(alpha=0.2, class_index=1, count_empty=False, n_grid=101)):
+        ctrl.fit(z, y)
+        ctrl.save(tmp_path / "c.pt")
+        back = load(str(tmp_path / "c.pt"))
+        assert type(back) is type(ctrl) and back.threshold_ == ctrl.threshold_
+        assert back.risk_bound_ == ctrl.risk_bound_ and torch.equal(back.predict(z), ctrl.predict(z))
+        assert back.threshold_for(0.3) == ctrl.threshold_for(0.3)
+    with pytest.raises(ValueError, match="not a FNRControl"):
+        CoverageRiskControl(n_grid=101).fit(z, y).save(tmp_path / "d.pt") or FNRControl.load(tmp_path / "d.pt")
+    with pytest.raises(TypeError, match="callable"):
+        RiskControl(_miss_fraction, n_grid=11, alpha=0.3).fit(z, y).save(tmp_path / "e.pt")
+    assert isinstance(get_controller("fnr", class_index=2), FNRControl)
+    assert isinstance(get_controller("CoverageRiskControl", epsilon=0.2), CoverageRiskControl)
+    with pytest.raises(ValueError, match="unknown risk controller"):
+        get_controller("raps")

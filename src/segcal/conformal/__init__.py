@@ -19,7 +19,27 @@ from segcal.conformal.evaluate import evaluate, resplit_thresholds, threshold_fr
 from segcal.conformal.fnr import FNRControl
 from segcal.conformal.risk import RiskControl, class_scores, image_curves
 
+#: Short names for the CLI / protocol (``segcal conformal --controller NAME``).
+CONTROLLERS: dict[str, type[RiskControl]] = {"coverage": CoverageRiskControl, "fnr": FNRControl}
+
+
+def get_controller(name: str, **kwargs: object) -> RiskControl:
+    """Unfitted risk controller by short name (``"coverage"``, ``"fnr"``) or class name, with ``kwargs``."""
+    key = name.lower()
+    by_class = {c.__name__.lower(): c for c in CONTROLLERS.values()}
+    cls = CONTROLLERS.get(key) or by_class.get(key)
+    if cls is None:
+        raise ValueError(f"unknown risk controller {name!r}; choose one of {sorted(CONTROLLERS)}")
+    return cls(**kwargs)  # type: ignore[arg-type]
+
+
+def load(path: str) -> RiskControl:
+    """Load any risk controller saved with ``save(path)``."""
+    return RiskControl.load(path)
+
+
 __all__ = [
+    "CONTROLLERS",
     "CoverageRiskControl",
     "FNRControl",
     "NotFittedError",
@@ -28,7 +48,9 @@ __all__ = [
     "clopper_pearson",
     "crc_index",
     "evaluate",
+    "get_controller",
     "image_curves",
+    "load",
     "make_grid",
     "resplit_thresholds",
     "threshold_from_curves",

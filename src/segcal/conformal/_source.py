@@ -52,6 +52,10 @@ class Source:
         if target is not None:
             raise ValueError("`target` must be inside the batches when the data is not a tensor")
         batches = getattr(data, "batches", None)
+        recorded = getattr(data, "ignore_index", ignore_index)
+        if callable(batches) and recorded != ignore_index:
+            raise ValueError(f"the data records ignore_index={recorded!r} but the controller has ignore_index="
+                             f"{ignore_index!r}; pass ignore_index={recorded!r} (void labels travel with the data)")
         if callable(batches):
             self._factory = lambda: batches(batch_size=batch_size)
         elif isinstance(data, Iterator):

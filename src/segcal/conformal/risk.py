@@ -33,6 +33,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,6 +55,14 @@ from segcal.conformal._bounds import (
 from segcal.conformal._source import Source
 
 SCORES = ("lac", "aps")
+_FORMAT = "segcal.risk_control"
+
+
+def _subclasses(cls: type) -> list[type]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out += _subclasses(sub)
+    return out
 
 
 def class_scores(probs: Tensor, score: str = "lac") -> Tensor:
@@ -295,7 +304,7 @@ class RiskControl:
             ValueError: bad shapes / labels / NaN logits, empty data, a loss that is not monotone in λ.
         """
         self._check_params()
-        for name in self._learned:
+        for name in (*self._learned, "_loss_sum"):
             self.__dict__.pop(name, None)
         source = Source(data, target, ignore_index=self.ignore_index, batch_size=self.batch_size)
         grid = make_grid(self.n_grid)
@@ -303,6 +312,7 @@ class RiskControl:
         loss_sum = from_fixed(loss_fp, self.bound)
         idx = crc_index(loss_sum, n, self.alpha, self.bound)
         self.grid_ = grid
+        self._loss_sum = loss_sum  # exact decoded sums (risk_curve_ * n may round differently at a tie)
         self.risk_curve_ = loss_sum / n
         self.set_size_curve_ = sizes.double() / max(pixels, 1)
         self.n_calibration_ = n
@@ -333,8 +343,46 @@ class RiskControl:
         self._check_fitted()
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"`alpha` must be in (0, 1), got {alpha!r}")
-        idx = crc_index(self.risk_curve_ * self.n_calibration_, self.n_calibration_, alpha, self.bound)
+        idx = crc_index(self._loss_sum, self.n_calibration_, alpha, self.bound)
         return float(self.grid_[-1 if idx is None else idx])
+
+    # -- persistence --------------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Save hyperparameters and learned values (``torch.save`` of plain types; loadable with weights_only).
+
+        A fitted ``calibrator`` is saved with it. A user ``loss`` (a Python callable) cannot be saved safely:
+        :class:`RiskControl` with a callable raises ``TypeError``.
+        """
+        params = {}
+        for k, v in self.get_params().items():
+            if isinstance(v, Calibrator):
+                v = {"__calibrator__": v._to_dict(with_state=True)}
+            elif callable(v):
+                raise TypeError(f"{type(self).__name__}.save cannot store the callable `{k}`; save the threshold "
+                                "(threshold_) yourself and rebuild the controller with the same loss")
+            params[k] = v
+        state = {k: getattr(self, k) for k in (*self._learned, "_loss_sum") if hasattr(self, k)}
+        torch.save({"format": _FORMAT, "version": 1, "class": type(self).__name__, "params": params,
+                    "state": state}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RiskControl:
+        """Load a controller saved by :meth:`save` (any built-in controller when called on :class:`RiskControl`)."""
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(d, dict) or d.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not a saved segcal risk controller")
+        known = {c.__name__: c for c in _subclasses(RiskControl)}
+        if d["class"] not in known:
+            raise ValueError(f"unknown risk controller class {d['class']!r}; known: {sorted(known)}")
+        target = known[d["class"]]
+        if not issubclass(target, cls):
+            raise ValueError(f"{path} holds a {d['class']}, not a {cls.__name__}")
+        params = {k: Calibrator._from_dict(v["__calibrator__"]) if isinstance(v, dict) and "__calibrator__" in v
+                  else v for k, v in d["params"].items()}
+        obj = target(**params)
+        for k, v in d["state"].items():
+            setattr(obj, k, v)
+        return obj
 
     # -- prediction ---------------------------------------------------------------------------------------------
     def _checked_scores(self, logits: Tensor) -> Tensor:
