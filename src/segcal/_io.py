@@ -28,7 +28,7 @@ from typing import IO, Any
 import torch
 
 __all__ = ["atomic_torch_save", "atomic_write", "atomic_write_bytes", "atomic_write_text", "clean_orphans",
-           "confine", "file_mode", "find_meta_tensors", "safe_torch_load"]
+           "confine", "file_mode", "find_meta_tensors", "safe_torch_load", "temp_file"]
 
 _TMP_SUFFIX = ".tmp"
 _HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
@@ -60,6 +60,15 @@ def _one_line(err: BaseException, limit: int = 240) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+def temp_file(path: str | os.PathLike) -> tuple[int, str]:
+    """``mkstemp`` next to ``path`` with the name :func:`clean_orphans` recognises: ``(fd, temp path)``.
+
+    For writers that publish the file themselves (e.g. with ``os.link``); the caller removes it on failure.
+    """
+    path = Path(path)
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_HOST}-{os.getpid()}-", suffix=_TMP_SUFFIX)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
     """Call ``write(f)`` on a temp file next to ``path``, fsync it, then ``os.replace`` it onto ``path``.
 
@@ -74,8 +83,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
         Whatever ``write`` or the filesystem raises; the destination is then untouched and the temp file removed.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_HOST}-{os.getpid()}-",
-                               suffix=_TMP_SUFFIX)
+    fd, tmp = temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -239,7 +247,7 @@ def clean_orphans(folder: str | os.PathLike, max_age_s: float = 3600.0) -> list[
         except FileNotFoundError:
             continue
         if dead or old:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # gone meanwhile, or a read-only shared folder
                 p.unlink()
                 removed.append(p)
     return removed

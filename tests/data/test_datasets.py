@@ -69,7 +69,8 @@ def test_sequence_of():
 
 def test_camvid_errors(tmp_path, monkeypatch, fake_camvid):
     monkeypatch.delenv("SEGCAL_DATA", raising=False)
-    with pytest.raises(FileNotFoundError, match="SEGCAL_DATA"):
+    monkeypatch.chdir(tmp_path)  # the default data root ../shared/data does not exist from here
+    with pytest.raises(FileNotFoundError, match="SEGCAL_DATA is not set"):
         CamVid()
     monkeypatch.setenv("SEGCAL_DATA", str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="nowhere"):

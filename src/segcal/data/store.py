@@ -27,7 +27,7 @@ import io
 import json
 import os
 import re
-import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,13 +36,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from segcal._io import atomic_write_bytes, clean_orphans, confine, file_mode, temp_file
+
 __all__ = ["IDENTITY_KEYS", "CorruptEntryError", "Entry", "LogitsStore", "StoreMismatchError"]
 
 FORMAT = "segcal-logits-store"
 VERSION = 1
 MANIFEST = "manifest.json"
 #: Manifest keys that must match for :meth:`LogitsStore.create` to resume an existing store.
-IDENTITY_KEYS = ("model", "model_fingerprint", "dataset", "split", "num_classes", "class_names", "features")
+IDENTITY_KEYS = ("model", "model_fingerprint", "dataset", "split", "num_classes", "class_names", "ignore_index",
+                 "features")
 _FLOAT16_MAX = 65504.0
 
 
@@ -71,18 +74,7 @@ def _safe_filename(name: str) -> str:
     return safe + ".npz"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+_atomic_write_bytes = atomic_write_bytes  # module-level name: tests simulate a full disk by replacing it
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -100,9 +92,17 @@ def _read_journal(path: Path) -> list[dict]:
             rec = json.loads(line)
         except json.JSONDecodeError:  # torn line of a killed writer: that entry is redone
             continue
-        if isinstance(rec, dict) and "name" in rec:
+        if _valid_record(rec):
             records.append(rec)
     return records
+
+
+def _valid_record(rec: object) -> bool:
+    """An index record has the fields every reader relies on, of the right types (anything else is ignored)."""
+    return (isinstance(rec, dict) and isinstance(rec.get("name"), str) and isinstance(rec.get("file"), str)
+            and isinstance(rec.get("bytes"), int) and isinstance(rec.get("sha256"), str)
+            and isinstance(rec.get("shape"), list) and len(rec["shape"]) == 3
+            and all(isinstance(v, int) and v >= 0 for v in rec["shape"]))
 
 
 def _to_tensor(x: Any, name: str) -> Tensor:
@@ -143,10 +143,13 @@ class LogitsStore:
         self.verify = verify
         self._rank: int | None = None
         self._journal_path: Path | None = None
+        self._additions: dict[str, Any] = {}
         if not (self.path / MANIFEST).is_file():
             raise FileNotFoundError(
                 f"no logits store at '{self.path}' ({MANIFEST} is missing); create one with `segcal predict` "
                 "or LogitsStore.create()")
+        for folder in (self.path, self.path / "entries", self.path / "shards"):
+            clean_orphans(folder)  # temp files of killed writers
         self._load()
 
     # ------------------------------------------------------------------ creation / writing
@@ -183,19 +186,33 @@ class LogitsStore:
             raise ValueError(f"`manifest['num_classes']` must be an int >= 2, got {nc!r}")
         if not isinstance(rank, int) or rank < 0:
             raise ValueError(f"`rank` must be a non-negative int, got {rank!r}")
+        ign = manifest.get("ignore_index", 255)
+        if ign is not None and (isinstance(ign, bool) or not isinstance(ign, int)):
+            raise ValueError(f"`manifest['ignore_index']` must be an int or None, got {ign!r}")
+        names = manifest.get("class_names")
+        if names is not None and len(names) != nc:
+            raise ValueError(f"`manifest['class_names']` has {len(names)} names but num_classes={nc}")
         root = Path(path)
         (root / "entries").mkdir(parents=True, exist_ok=True)
         (root / "shards").mkdir(exist_ok=True)
         header = {"format": FORMAT, "version": VERSION, "features": False, "ignore_index": 255,
-                  "class_names": None, **manifest, "entries": {}}
+                  "class_names": None, "subsets": {}, **manifest, "entries": {}}
         header["features"] = bool(header["features"])
         if header["class_names"] is not None:
             header["class_names"] = [str(c) for c in header["class_names"]]
         mpath = root / MANIFEST
         if not mpath.exists():
-            fd, tmp = tempfile.mkstemp(dir=root, prefix=".manifest.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(_json_bytes(header))
+            fd, tmp = temp_file(mpath)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(_json_bytes(header))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.chmod(tmp, file_mode())
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
             try:
                 # link() never overwrites: when ranks race, exactly one header wins and it appears complete
                 os.link(tmp, mpath)
@@ -208,13 +225,16 @@ class LogitsStore:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
         store = cls(root, verify=verify)
-        existing = store._header
+        existing = {"ignore_index": 255, **store._header}  # stores written before ignore_index was recorded
         diffs = [k for k in IDENTITY_KEYS if k in header and existing.get(k) != header.get(k)]
         if diffs:
             detail = "; ".join(f"{k}: store has {existing.get(k)!r}, requested {header.get(k)!r}" for k in diffs)
             raise StoreMismatchError(
                 f"logits store '{root}' was written by a different model/dataset/split ({detail}). "
                 "Use another output path or delete the store to start over.")
+        # descriptive keys added since the store was written (e.g. subsets): recorded at the next finalize
+        store._additions = {k: v for k, v in header.items() if k not in store._header and k != "entries"}
+        store._header.update(store._additions)
         store._rank = rank
         store._journal_path = root / "shards" / f"rank-{rank:05d}.jsonl"
         return store
@@ -311,7 +331,7 @@ class LogitsStore:
         self._load()
         header = dict(self._header)
         header["entries"] = {n: self._entries[n] for n in self._order_names()}
-        _atomic_write_bytes(self.path / MANIFEST, _json_bytes(header))
+        atomic_write_bytes(self.path / MANIFEST, _json_bytes(header))
         for j in journals:
             with contextlib.suppress(FileNotFoundError):
                 j.unlink()
@@ -319,9 +339,27 @@ class LogitsStore:
     def discard(self, name: str) -> None:
         """Forget an entry (e.g. a corrupt one, before rewriting it); its file is removed."""
         rec = self._entries.pop(name, None)
-        if rec is not None:
-            with contextlib.suppress(FileNotFoundError):
-                (self.path / "entries" / rec["file"]).unlink()
+        if rec is None:
+            return
+        try:
+            fpath = self._entry_path(rec)
+        except CorruptEntryError as err:  # a path leaving the store is never deleted
+            warnings.warn(f"{err}; the record is dropped, no file is deleted", RuntimeWarning, stacklevel=2)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            fpath.unlink()
+
+    def _entry_path(self, rec: dict) -> Path:
+        """The entry file of an index record, confined to ``STORE/entries`` (records come from files on disk)."""
+        fname = rec.get("file")
+        if not isinstance(fname, str) or "/" in fname or "\\" in fname:
+            raise CorruptEntryError(f"logits store '{self.path}': entry {rec.get('name')!r} names file {fname!r}, "
+                                    "which is not a plain file name in entries/ (tampered index?); refused")
+        try:
+            return confine(f"entries/{fname}", self.path)
+        except ValueError as err:
+            raise CorruptEntryError(f"logits store '{self.path}': entry {rec.get('name')!r} names file {fname!r} "
+                                    f"outside the store (tampered index?); refused: {err}") from None
 
     # ------------------------------------------------------------------ reading
     def _load(self) -> None:
@@ -331,17 +369,32 @@ class LogitsStore:
         records = [r for j in journals for r in _read_journal(j)]
         try:
             header = json.loads((self.path / MANIFEST).read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CorruptEntryError(f"manifest of logits store '{self.path}' is not valid JSON: {e}") from e
+        if not isinstance(header, dict):
+            raise CorruptEntryError(f"manifest of logits store '{self.path}' is a JSON {type(header).__name__}, not "
+                                    "an object; the store is damaged: delete it and re-run predict")
         if header.get("format") != FORMAT:
             raise ValueError(f"'{self.path / MANIFEST}' is not a segcal logits store (format="
                              f"{header.get('format')!r})")
-        if header.get("version", 0) > VERSION:
+        version = header.get("version", 0)
+        if not isinstance(version, int) or version > VERSION:
             raise ValueError(f"logits store '{self.path}' has format version {header['version']}, this segcal "
                              f"reads up to {VERSION}; upgrade segcal")
+        nc = header.get("num_classes")
+        if not isinstance(nc, int) or isinstance(nc, bool) or nc < 1:
+            raise CorruptEntryError(f"manifest of logits store '{self.path}' has num_classes={nc!r}, not a "
+                                    "positive int")
         entries = header.pop("entries", {}) or {}
-        self._header = header
-        self._entries: dict[str, dict] = dict(entries)
+        if not isinstance(entries, dict):
+            raise CorruptEntryError(f"manifest of logits store '{self.path}': 'entries' is a "
+                                    f"{type(entries).__name__}, not an object")
+        bad = [n for n, r in entries.items() if not (_valid_record(r) and r["name"] == n)]
+        if bad:
+            warnings.warn(f"logits store '{self.path}': {len(bad)} malformed manifest entries ignored (they are "
+                          f"redone on resume): {bad[:5]}", RuntimeWarning, stacklevel=3)
+        self._header = {**self._additions, **header}
+        self._entries: dict[str, dict] = {n: r for n, r in entries.items() if n not in bad}
         for r in records:
             self._add(r)
 
@@ -385,11 +438,21 @@ class LogitsStore:
 
     @property
     def class_names(self) -> list[str] | None:
+        """The C class names recorded by the writer, or None."""
         return self._header.get("class_names")
 
     @property
     def ignore_index(self) -> int | None:
+        """The void label recorded by the writer (``None``: no void label); 255 for stores that predate the key."""
         return self._header.get("ignore_index", 255)
+
+    @property
+    def subsets(self) -> dict[str, list[str]]:
+        """Named subsets of the stored split (``{name: [image names]}``), as declared by the dataset; ``{}`` if none.
+
+        Names not (yet) in the store are kept: use :meth:`batches` with ``names=`` on the intersection."""
+        subsets = self._header.get("subsets") or {}
+        return {str(k): [str(n) for n in v] for k, v in subsets.items()} if isinstance(subsets, dict) else {}
 
     @property
     def has_features(self) -> bool:
@@ -408,7 +471,7 @@ class LogitsStore:
 
     def _read_bytes(self, name: str) -> bytes:
         rec = self._entries[name]
-        fpath = self.path / "entries" / rec["file"]
+        fpath = self._entry_path(rec)
         try:
             data = fpath.read_bytes()
         except FileNotFoundError:

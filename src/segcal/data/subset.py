@@ -38,7 +38,7 @@ class Subset:
         self.indices = [normalize_index(i, len(dataset), type(self).__name__) for i in indices]
         names = getattr(dataset, "names", None)
         self.names = [names[i] for i in self.indices] if names is not None else None
-        for attr in ("class_names", "num_classes", "ignore_index", "split"):
+        for attr in ("class_names", "num_classes", "ignore_index", "split", "dataset_name"):
             if hasattr(dataset, attr):
                 setattr(self, attr, getattr(dataset, attr))
 
@@ -49,6 +49,15 @@ class Subset:
         if n is None or n >= total:
             return cls(dataset, range(total))
         return cls(dataset, np.linspace(0, total - 1, n).round().astype(int).tolist())
+
+    def subsets(self) -> dict[str, list[str]]:
+        """The dataset's named subsets restricted to the kept samples (empty subsets dropped)."""
+        inner = getattr(self.dataset, "subsets", None)
+        if not callable(inner) or self.names is None:
+            return {}
+        kept = set(self.names)
+        out = {k: [n for n in v if n in kept] for k, v in inner().items()}
+        return {k: v for k, v in out.items() if v}
 
     def __len__(self) -> int:
         return len(self.indices)

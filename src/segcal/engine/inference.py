@@ -14,7 +14,7 @@ from torch import nn
 
 from segcal.data.store import LogitsStore
 
-__all__ = ["dataset_id", "dist_info", "model_fingerprint", "predict", "store_manifest"]
+__all__ = ["dataset_id", "dataset_subsets", "dist_info", "model_fingerprint", "predict", "store_manifest"]
 
 
 def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -62,27 +62,74 @@ def dataset_id(dataset: Any) -> str:
     return f"{base}({folder})" if folder is not None else base
 
 
-def _split(dataset: Any) -> Any:
-    split = getattr(dataset, "split", None)
+_MISSING = object()
+
+
+def _dataset_attr(dataset: Any, attr: str, default: Any = None) -> Any:
+    """``dataset.<attr>``, looking through wrappers (``CorruptedDataset``, ``Subset``: ``.dataset``) when absent.
+
+    An attribute that is present wins even when it is None (``ignore_index=None`` means "no void label").
+    """
+    value = getattr(dataset, attr, _MISSING)
+    if value is not _MISSING and (value is not None or attr == "ignore_index"):
+        return value
     inner = getattr(dataset, "dataset", None)
-    if split is None and inner is not None and hasattr(inner, "__getitem__"):
-        return _split(inner)
-    return split
+    if inner is not None and hasattr(inner, "__getitem__"):
+        return _dataset_attr(inner, attr, default)
+    return default if value is _MISSING else value
+
+
+def _split(dataset: Any) -> Any:
+    return _dataset_attr(dataset, "split")
+
+
+def dataset_subsets(dataset: Any) -> dict[str, list[str]]:
+    """The dataset's named subsets (``dataset.subsets()``, through wrappers), ``{}`` when it declares none."""
+    fn = _dataset_attr(dataset, "subsets")
+    if not callable(fn):
+        return {}
+    subsets = fn()
+    if not isinstance(subsets, dict):
+        raise TypeError(f"dataset.subsets() must return a dict {{name: [image names]}}, got {type(subsets).__name__}")
+    return {str(k): [str(n) for n in v] for k, v in subsets.items()}
 
 
 def store_manifest(segmenter: Any, dataset: Any, features: bool = False) -> dict:
-    """The manifest header :func:`predict` writes: model, fingerprint, dataset, split, classes, order."""
+    """The manifest header :func:`predict` writes.
+
+    Keys: ``model``, ``model_fingerprint``, ``dataset``, ``split``, ``num_classes`` (the model's C),
+    ``class_names`` (the dataset's when it declares them, else the model's, else ``class_0 …``), ``ignore_index``
+    (the dataset's, ``None`` allowed = no void label; 255 when the dataset does not say), ``subsets`` (the dataset's
+    named subsets of this split, ``{}`` if none), ``features``, ``feature_channels``, ``order``, ``num_images``.
+
+    Raises:
+        ValueError: the dataset declares a class count (``class_names`` / ``num_classes``) that differs from the
+            model's output count.
+    """
     num_classes = int(segmenter.num_classes)
-    class_names = list(getattr(segmenter, "class_names", None) or [f"class_{i}" for i in range(num_classes)])
+    model_name = str(getattr(segmenter, "name", type(segmenter).__name__))
+    ds_names = _dataset_attr(dataset, "class_names")
+    ds_count = _dataset_attr(dataset, "num_classes")
+    if ds_names is not None and len(ds_names) != num_classes:
+        raise ValueError(f"the dataset has num_classes={len(ds_names)} ({', '.join(map(str, list(ds_names)[:5]))}"
+                         f"{', ...' if len(ds_names) > 5 else ''}) but model {model_name!r} predicts C={num_classes} "
+                         "classes; use the model trained for this label set (or fix classes.txt)")
+    if ds_names is None and ds_count is not None and int(ds_count) != num_classes:
+        raise ValueError(f"model {model_name!r} predicts C={num_classes} classes but the dataset has "
+                         f"num_classes={ds_count}")
+    class_names = ds_names or getattr(segmenter, "class_names", None) or [f"class_{i}" for i in range(num_classes)]
+    ignore_index = _dataset_attr(dataset, "ignore_index", 255)
+    if ignore_index is not None:
+        ignore_index = int(ignore_index)
     return {
-        "model": str(getattr(segmenter, "name", type(segmenter).__name__)),
+        "model": model_name,
         "model_fingerprint": model_fingerprint(segmenter) if isinstance(segmenter, nn.Module) else None,
         "dataset": dataset_id(dataset),
         "split": _split(dataset),
         "num_classes": num_classes,
         "class_names": [str(c) for c in class_names],
-        "ignore_index": int(getattr(dataset, "ignore_index", 255) if getattr(dataset, "ignore_index", 255)
-                            is not None else 255),
+        "ignore_index": ignore_index,
+        "subsets": dataset_subsets(dataset),
         "features": bool(features),
         "feature_channels": getattr(segmenter, "feature_channels", None) if features else None,
         "order": _dataset_names(dataset),
@@ -112,6 +159,8 @@ def _check_sample(s: Any, index: int) -> None:
     if not (isinstance(img, np.ndarray) and img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3):
         raise ValueError(f"image '{s['name']}' must be a uint8 (H, W, 3) array, got "
                          f"{getattr(img, 'dtype', type(img).__name__)} {getattr(img, 'shape', '')}")
+    if img.shape[0] == 0 or img.shape[1] == 0:
+        raise ValueError(f"image '{s['name']}' is empty: shape {img.shape}")
 
 
 def predict(segmenter: Any, dataset: Any, store_path: str | os.PathLike, batch_size: int = 4,
@@ -162,10 +211,6 @@ def predict(segmenter: Any, dataset: Any, store_path: str | os.PathLike, batch_s
     if features and getattr(segmenter, "feature_channels", 1) is None and not hasattr(
             segmenter, "forward_with_features"):
         raise ValueError(f"model {getattr(segmenter, 'name', '?')!r} exposes no decoder features")
-    ds_c = getattr(dataset, "num_classes", None)
-    if ds_c is not None and int(ds_c) != int(segmenter.num_classes):
-        raise ValueError(f"model {getattr(segmenter, 'name', '?')!r} predicts C={segmenter.num_classes} classes "
-                         f"but dataset has num_classes={ds_c}")
     rank, world_size = dist_info(rank, world_size)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and world_size > 1
 
