@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from segcal.detectors import FlowEneDet, fit_sml_statistics, get_detector, load_pretrained, msp
+from segcal.detectors import FlowEneDet, NotFittedError, fit_sml_statistics, get_detector, load_pretrained, msp
 from segcal.detectors.flowenedet import ActNorm, EnergyFlow, channel_group_pool, flow_input
 
 from ._synthetic import as_batches, synthetic
@@ -160,7 +160,7 @@ def test_save_load_round_trip_and_determinism(data, tmp_path):
     torch.testing.assert_close(loaded.score(zt, ft), sa, atol=0, rtol=0)
     assert loaded.history_ == a.history_ and loaded.variant == "c"
     torch.save({"x": 1}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a saved FlowEneDet"):
+    with pytest.raises(ValueError, match=r"other\.pt: not a valid saved segcal method"):
         FlowEneDet.load(tmp_path / "other.pt")
 
 
@@ -178,7 +178,7 @@ def test_bad_inputs(data):
         FlowEneDet(variant="x")
     with pytest.raises(ValueError, match="n_blocks"):
         FlowEneDet(n_blocks=0)
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         FlowEneDet().score(zt)
     with pytest.raises(TypeError, match="one-shot iterator"):
         FlowEneDet(epochs=2).fit(iter(batches))
@@ -204,8 +204,9 @@ def test_registry_and_pretrained_lookup():
     assert isinstance(det, FlowEneDet) and det.variant == "c" and det.n_blocks == 2
     with pytest.raises(FileNotFoundError, match="no shipped FlowEneDet"):
         load_pretrained("no-such-model")
-    with pytest.raises(FileNotFoundError):
-        get_detector("flowenedet-u", pretrained="no-such-model")
+    assert get_detector("flowenedet-c").needs_features and not get_detector("flowenedet-u").needs_features
+    assert type(get_detector("flowenedet-u")).pretrained("no-such-model") is None
+    assert type(get_detector("flowenedet-u")).pretrained("espnet-camvid").variant == "u"
 
 
 @pytest.mark.parametrize("downsample", [1, 2])

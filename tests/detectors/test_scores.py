@@ -10,6 +10,7 @@ import torch
 
 from segcal.detectors import (
     DETECTORS,
+    NotFittedError,
     SelectiveDetector,
     SMLStatistics,
     StandardizedMaxLogit,
@@ -131,7 +132,7 @@ def test_sml_statistics_callable_source_and_errors():
         SMLStatistics().update(z, y[:, :3])
     with pytest.raises(ValueError, match="C=3"):
         SMLStatistics().update(z, y).update(z[:, :3], y.clamp(max=2))
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         SMLStatistics().standardize(z)
 
 
@@ -142,7 +143,7 @@ def test_sml_module_fit_and_roundtrip_dict():
     torch.testing.assert_close(det.score(z), standardized_max_logit(z, stats.class_mean_, stats.class_std_))
     back = SMLStatistics.from_dict(stats.to_dict())
     torch.testing.assert_close(back.standardize(z), stats.standardize(z))
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         StandardizedMaxLogit().score(z)
 
 
@@ -183,5 +184,5 @@ def test_selective_wraps_misprediction_proba():
 
     z = torch.randn(2, 3, 4, 4)
     torch.testing.assert_close(get_detector("selective", calibrator=Fake()).score(z), msp(z))
-    with pytest.raises(RuntimeError, match="no calibrator"):
+    with pytest.raises(NotFittedError, match="no calibrator"):
         SelectiveDetector().score(z)

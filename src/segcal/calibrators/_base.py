@@ -20,11 +20,9 @@ shard ends with the same parameters as a single process fitting on the union of 
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -32,16 +30,15 @@ import torch.distributed as dist
 from torch import Tensor
 
 from segcal._checks import check_dense_scores, check_images, check_logits_target
+from segcal._estimator import FORMAT, Estimator, NotFittedError, Registry, clone  # noqa: F401 (re-exported)
 
-_FORMAT = "segcal.calibrator"
-_REGISTRY: dict[str, type[Calibrator]] = {}
+_LEGACY_FORMAT = "segcal.calibrator"
+
+#: Every calibrator class that declares a ``name``, by name (filled by the classes themselves).
+CALIBRATORS = Registry("calibrator", "segcal.calibrators")
 
 #: Pixels per chunk when a solver walks over pixels (bounds the float64 autograd memory of LBFGS fits).
 CHUNK_PIXELS = 1 << 18
-
-
-class NotFittedError(ValueError, AttributeError):
-    """Raised when a calibrator is used before ``fit`` (subclass of ValueError and AttributeError, as sklearn's)."""
 
 
 @dataclass
@@ -52,6 +49,8 @@ class Batch:
 
 
 def _unpack(item: object) -> tuple[object, object, object]:
+    if isinstance(item, Batch):
+        return item.logits, item.target, item.images
     if isinstance(item, dict):
         if "logits" not in item or "target" not in item:
             raise ValueError(f"a batch dict needs keys 'logits' and 'target', got {sorted(item)}")
@@ -422,58 +421,19 @@ def streaming_lbfgs(params: list[Tensor], loss_sum: Callable[[Tensor, Tensor], T
         return float(closure())
 
 
-def _encode_param(v: object) -> object:
-    if isinstance(v, Calibrator):
-        return {"__calibrator__": v._to_dict(with_state=False)}
-    return v
-
-
-def _decode_param(v: object) -> object:
-    if isinstance(v, dict) and "__calibrator__" in v:
-        return Calibrator._from_dict(v["__calibrator__"])
-    return v
-
-
-def clone(cal: Calibrator) -> Calibrator:
-    """Unfitted copy with the same hyperparameters (nested calibrators cloned too)."""
-    params = {k: clone(v) if isinstance(v, Calibrator) else v for k, v in cal.get_params().items()}
-    return type(cal)(**params)
-
-
-class Calibrator:
+class Calibrator(Estimator):
     """Base class: hyperparameters in ``__init__``, ``fit`` → self, ``transform`` → calibrated logits.
 
-    Subclasses implement ``_fit(source)`` and ``_transform(z, images)`` and list their learned attributes in
-    ``_learned`` (saved by :meth:`save`). ``preserves_argmax`` states whether ``transform`` can change the prediction.
+    The shared contract (``get_params``, :func:`~segcal._estimator.clone`, ``save``/``load``, ``name``,
+    ``needs_images``, ``pretrained``) comes from :class:`~segcal._estimator.Estimator`; declaring a class-level
+    ``name`` registers a subclass in :data:`CALIBRATORS`. Subclasses implement ``_fit(source)`` and
+    ``_transform(z, images)`` and list their learned attributes in ``_learned`` (saved by :meth:`save`, together with
+    ``num_classes_``). ``preserves_argmax`` states whether ``transform`` can change the prediction.
     """
 
+    _registry = CALIBRATORS
     ignore_index: int | None
     preserves_argmax: ClassVar[bool] = True
-    needs_images: ClassVar[bool] = False
-    _learned: ClassVar[tuple[str, ...]] = ()
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if not cls.__name__.startswith("_"):
-            _REGISTRY[cls.__name__] = cls
-
-    # -- sklearn-style parameters ------------------------------------------------------------------------------
-    def get_params(self) -> dict[str, Any]:
-        """Hyperparameters, as passed to ``__init__``."""
-        sig = inspect.signature(type(self).__init__)
-        return {k: getattr(self, k) for k in sig.parameters if k != "self"}
-
-    def set_params(self, **params: Any) -> Calibrator:
-        valid = self.get_params()
-        for k, v in params.items():
-            if k not in valid:
-                raise ValueError(f"invalid parameter {k!r} for {type(self).__name__}; valid: {sorted(valid)}")
-            setattr(self, k, v)
-        return self
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"{type(self).__name__}({args})"
 
     # -- fit / transform ---------------------------------------------------------------------------------------
     def fit(self, logits: object, target: Tensor | None = None, *, images: Tensor | None = None) -> Calibrator:
@@ -515,66 +475,44 @@ class Calibrator:
     def _transform(self, z: Tensor, images: Tensor | None) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "num_classes_"):
-            raise NotFittedError(f"this {type(self).__name__} instance is not fitted yet; call fit(logits, target) "
-                                 "first")
-
     def _all_reduce(self, t: Tensor) -> Tensor:
         """Distributed hook: SUM-reduce per-rank sufficient statistics / gradients (no-op without a process group)."""
         return all_reduce_sum(t)
 
-    # -- persistence -------------------------------------------------------------------------------------------
+    # -- fitted state ------------------------------------------------------------------------------------------
+    def is_fitted(self) -> bool:
+        return "num_classes_" in self.__dict__ and all(k in self.__dict__ for k in self._learned)
+
     def _get_state(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name in (*self._learned, "num_classes_"):
-            v = getattr(self, name)
-            if isinstance(v, Calibrator):
-                v = {"__calibrator__": v._to_dict(with_state=True)}
-            elif isinstance(v, dict):
-                v = dict(v)
-            out[name] = v
-        return out
+        return {**super()._get_state(), "num_classes_": self.num_classes_}
 
     def _set_state(self, state: dict[str, Any]) -> None:
-        for name, v in state.items():
-            setattr(self, name, _decode_param(v))
-
-    def _to_dict(self, *, with_state: bool) -> dict[str, Any]:
-        d: dict[str, Any] = {"format": _FORMAT, "version": 1, "class": type(self).__name__,
-                             "params": {k: _encode_param(v) for k, v in self.get_params().items()}}
-        if with_state:
-            d["state"] = self._get_state() if hasattr(self, "num_classes_") else None
-        return d
-
-    @staticmethod
-    def _from_dict(d: dict[str, Any]) -> Calibrator:
-        if not isinstance(d, dict) or d.get("format") != _FORMAT:
-            raise ValueError("not a saved segcal calibrator")
-        name = d["class"]
-        if name not in _REGISTRY:
-            raise ValueError(f"unknown calibrator class {name!r}; known: {sorted(_REGISTRY)}")
-        cls = _REGISTRY[name]
-        obj = cls(**{k: _decode_param(v) for k, v in d["params"].items()})
-        if d.get("state") is not None:
-            obj._set_state(d["state"])
-        return obj
-
-    def save(self, path: str | Path) -> None:
-        """Save hyperparameters and learned tensors as a plain dict (``torch.save``; loadable with weights_only)."""
-        torch.save(self._to_dict(with_state=True), path)
+        c = state.get("num_classes_")
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise ValueError(f"learned num_classes_ must be a positive int, got {c!r}")
+        super()._set_state(state)
+        self.num_classes_ = c
 
     @classmethod
-    def load(cls, path: str | Path) -> Calibrator:
-        """Load a calibrator saved by :meth:`save` (``torch.load(weights_only=True)``).
+    def _upgrade(cls, d: Any) -> Any:
+        """Read files of the first calibrator format (``{"format": "segcal.calibrator", "class": ...}``)."""
+        return _upgrade_legacy(d) if isinstance(d, dict) and d.get("format") == _LEGACY_FORMAT else d
 
-        Called on a subclass, the file must hold that class; called on :class:`Calibrator`, any calibrator loads.
-        """
-        d = torch.load(path, map_location="cpu", weights_only=True)
-        obj = Calibrator._from_dict(d)
-        if cls is not Calibrator and not isinstance(obj, cls):
-            raise ValueError(f"{path} holds a {type(obj).__name__}, not a {cls.__name__}")
-        return obj
+
+def _upgrade_legacy(d: Any) -> Any:
+    def conv(v: Any) -> Any:
+        if isinstance(v, dict):
+            if "__calibrator__" in v:
+                return {"__estimator__": _upgrade_legacy(v["__calibrator__"])}
+            return {k: conv(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return type(v)(conv(x) for x in v)
+        return v
+
+    if not isinstance(d, dict) or d.get("format") != _LEGACY_FORMAT or not isinstance(d.get("class"), str):
+        raise ValueError("not a saved segcal calibrator")
+    return {"format": FORMAT, "version": 1, "kind": "calibrator", "name": CALIBRATORS.resolve(d["class"]).name,
+            "class": d["class"], "params": conv(d.get("params")), "state": conv(d.get("state"))}
 
 
 def pixel_chunks(source: BatchSource, ignore_index: int | None, max_pixels: int | None, seed: int

@@ -43,6 +43,7 @@ class DirichletScaling(Calibrator):
     """
 
     preserves_argmax = False
+    name = "dirichlet"
     _learned = ("weight_", "bias_", "nll_")
 
     def __init__(self, ignore_index: int | None = 255, *, reg_lambda: float = 0.0, reg_mu: float | None = None,

@@ -53,6 +53,7 @@ class EnsembleTemperatureScaling(Calibrator):
         1.0
     """
 
+    name = "ets"
     _learned = ("temperature_", "weights_", "nll_")
 
     def __init__(self, ignore_index: int | None = 255, *, max_iter: int = 100, max_pixels: int | None = None,

@@ -48,6 +48,7 @@ class HistogramBinning(Calibrator):
         True
     """
 
+    name = "histogram"
     _learned = ("table_",)
 
     @property

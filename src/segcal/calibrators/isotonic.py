@@ -59,6 +59,7 @@ class IsotonicCalibration(Calibrator):
         torch.Size([2, 3, 8, 8])
     """
 
+    name = "isotonic"
     _learned = ("table_",)
 
     @property

@@ -100,6 +100,7 @@ class LocalTemperatureScaling(Calibrator):
     """
 
     needs_images = True
+    name = "lts"
     _learned = ("net_state_", "init_temperature_", "image_channels_", "history_")
 
     def __init__(self, ignore_index: int | None = 255, *, use_image: bool = True,

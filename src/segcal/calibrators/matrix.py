@@ -41,6 +41,7 @@ class MatrixScaling(Calibrator):
     """
 
     preserves_argmax = False
+    name = "ms"
     _learned = ("weight_", "bias_", "nll_")
 
     def __init__(self, ignore_index: int | None = 255, *, l2: float = 0.0, max_iter: int = 100,

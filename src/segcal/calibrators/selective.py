@@ -108,6 +108,7 @@ class SelectiveScaling(Calibrator):
         torch.Size([4, 16, 16])
     """
 
+    name = "selective"
     _learned = ("detector_state_", "temperature_mis_", "base_", "best_epoch_", "history_")
 
     def __init__(self, base: Calibrator | None = None, *, mis_temperature: str | float = "fit",

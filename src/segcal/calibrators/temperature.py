@@ -60,6 +60,7 @@ class TemperatureScaling(Calibrator):
         torch.Size([2, 4, 8, 8])
     """
 
+    name = "ts"
     _learned = ("temperature_", "nll_")
 
     def __init__(self, ignore_index: int | None = 255, *, t_bounds: tuple[float, float] = (0.02, 50.0),

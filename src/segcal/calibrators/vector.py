@@ -41,6 +41,7 @@ class VectorScaling(Calibrator):
     """
 
     preserves_argmax = False
+    name = "vs"
     _learned = ("weight_", "bias_", "nll_")
 
     def __init__(self, ignore_index: int | None = 255, *, max_iter: int = 100, max_pixels: int | None = None,

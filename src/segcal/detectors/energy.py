@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from segcal.detectors._base import Detector
 from segcal.detectors._scores import as_compute
 
 
@@ -51,15 +52,18 @@ def _check_temperature(temperature: float) -> float:
     return t
 
 
-class Energy(nn.Module):
-    """Module twin of :func:`energy`; stores ``temperature``."""
+class Energy(Detector, nn.Module):
+    """Module twin of :func:`energy` (registered detector ``"energy"``; no fit needed); stores ``temperature``."""
+
+    name = "energy"
+    requires_fit = False
 
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
         self.temperature = _check_temperature(temperature)
 
-    def forward(self, logits: Tensor, features: Tensor | None = None) -> Tensor:
+    def forward(self, logits: Tensor, features: Tensor | None = None, images: Tensor | None = None) -> Tensor:
         return energy(logits, self.temperature)
 
-    def score(self, logits: Tensor, features: Tensor | None = None) -> Tensor:
+    def score(self, logits: Tensor, features: Tensor | None = None, images: Tensor | None = None) -> Tensor:
         return energy(logits, self.temperature)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from segcal.detectors._base import Detector
 from segcal.detectors._scores import as_compute
 
 
@@ -37,11 +38,14 @@ def entropy(logits: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(dim=1)
 
 
-class Entropy(nn.Module):
-    """Module twin of :func:`entropy`."""
+class Entropy(Detector, nn.Module):
+    """Module twin of :func:`entropy` (registered as ``"entropy"``, no fit needed); ``score`` = ``forward``."""
 
-    def forward(self, logits: Tensor, features: Tensor | None = None) -> Tensor:
+    name = "entropy"
+    requires_fit = False
+
+    def forward(self, logits: Tensor, features: Tensor | None = None, images: Tensor | None = None) -> Tensor:
         return entropy(logits)
 
-    def score(self, logits: Tensor, features: Tensor | None = None) -> Tensor:
+    def score(self, logits: Tensor, features: Tensor | None = None, images: Tensor | None = None) -> Tensor:
         return entropy(logits)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,11 +23,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segcal._checks import check_dense_scores, check_finite, check_target, check_tensor
+from segcal._estimator import FORMAT
+from segcal.detectors._base import Detector
 from segcal.detectors._batches import BatchSource, check_source, from_store, iterate
 from segcal.detectors.sml import SMLStatistics, fit_sml_statistics
 
-_FORMAT = "segcal.FlowEneDet"
-_VERSION = 1
+_LEGACY_FORMAT = "segcal.FlowEneDet"
 _LOG_2PI = math.log(2 * math.pi)
 
 
@@ -265,8 +265,12 @@ class EnergyFlow(nn.Module):
         return ll + logdet.unsqueeze(1)
 
 
-class FlowEneDet:
+class FlowEneDet(Detector):
     r"""FlowEneDet (FED-U / FED-C): probability that a pixel is misclassified or out-of-distribution.
+
+    Registered as two detectors, ``"flowenedet-u"`` (:class:`FlowEneDetU`) and ``"flowenedet-c"``
+    (:class:`FlowEneDetC`, ``needs_features = True``); ``FlowEneDet(variant=...)`` returns an instance of the one the
+    variant names, so every FlowEneDet object declares at class level whether it needs features.
 
     Per pixel, the standardised logits give a free energy ``E``; its in/out log-probabilities
     ``u = [log σ(−E), log(1 − σ(−E) + 1e−6)]`` go through an ``L``-block flow ``v = f(u; c)`` (FED-C: ``c`` = decoder
@@ -326,14 +330,27 @@ class FlowEneDet:
         (torch.Size([4, 16, 16]), True)
     """
 
-    def __init__(self, *, variant: str = "u", n_blocks: int = 4, hidden_channels: int = 8, cond_channels: int = 32,
-                 downsample: int = 4, dropout: float = 0.2, void_as_ood: bool = True, ignore_index: int | None = 255,
-                 epochs: int = 4, lr: float = 1e-3, weight_decay: float = 1e-2, warmup_steps: int = 50,
+    _variant: str | None = None
+    _learned = ("net_",)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> FlowEneDet:
+        if cls is FlowEneDet:  # dispatch on the variant, so needs_features is a class-level declaration
+            cls = _VARIANTS.get(kwargs.get("variant") or "u", cls)
+        return super().__new__(cls)
+
+    def __init__(self, *, variant: str | None = None, n_blocks: int = 4, hidden_channels: int = 8,
+                 cond_channels: int = 32, downsample: int = 4, dropout: float = 0.2, void_as_ood: bool = True,
+                 ignore_index: int | None = 255, epochs: int = 4, lr: float = 1e-3, weight_decay: float = 1e-2,
+                 warmup_steps: int = 50,
                  decay_epochs: tuple[int, ...] | None = None, decay_gamma: float = 0.1, patch_size: int | None = None,
                  patches_per_image: int = 1, max_pixels: int | None = None, sml: SMLStatistics | None = None,
                  seed: int = 0, inputs: str = "energy") -> None:
+        if variant is None:
+            variant = self._variant or "u"
         if variant not in ("u", "c"):
             raise ValueError(f"`variant` must be 'u' (energy only) or 'c' (feature-conditioned), got {variant!r}")
+        if self._variant is not None and variant != self._variant:
+            raise ValueError(f"{type(self).__name__} is FlowEneDet variant {self._variant!r}, got variant={variant!r}")
         for name, val in (("n_blocks", n_blocks), ("hidden_channels", hidden_channels),
                           ("cond_channels", cond_channels), ("downsample", downsample), ("epochs", epochs),
                           ("patches_per_image", patches_per_image)):
@@ -359,12 +376,6 @@ class FlowEneDet:
         self.max_pixels, self.sml, self.seed, self.inputs = max_pixels, sml, seed, inputs
 
     # ---------------------------------------------------------------- helpers
-    def _config(self) -> dict[str, Any]:
-        keys = ("variant", "n_blocks", "hidden_channels", "cond_channels", "downsample", "dropout", "void_as_ood",
-                "ignore_index", "epochs", "lr", "weight_decay", "warmup_steps", "decay_epochs", "decay_gamma",
-                "patch_size", "patches_per_image", "max_pixels", "seed", "inputs")
-        return {k: getattr(self, k) for k in keys}
-
     def _condition(self, features: Tensor | None, n: int, size: tuple[int, int], *, fitting: bool) -> Tensor | None:
         if self.variant == "u":
             return None
@@ -383,10 +394,6 @@ class FlowEneDet:
                              f"{self.feature_channels_}")
         f = channel_group_pool(features.float(), self.cond_channels)
         return f if tuple(f.shape[-2:]) == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "net_"):
-            raise RuntimeError("FlowEneDet is not fitted: call fit(batches) or FlowEneDet.load(path)")
 
     # ---------------------------------------------------------------- fit
     def _prepare(self, logits: Tensor, target: Tensor | None, features: Tensor | None, *, fitting: bool):
@@ -439,7 +446,7 @@ class FlowEneDet:
         a fresh iterator. ``callback``, if given, is called after every optimiser step with ``{"epoch", "step",
         "loss", "lr"}`` (progress bars, logging). Returns self.
         """
-        batches = from_store(batches, features=self.variant == "c")
+        batches = from_store(batches, features=self.needs_features)
         passes = self.epochs + (self.sml is None)
         check_source(batches, passes)
         for attr in ("net_", "num_classes_", "feature_channels_", "cond_channels_"):
@@ -510,7 +517,7 @@ class FlowEneDet:
 
     # ---------------------------------------------------------------- inference
     @torch.no_grad()
-    def score(self, logits: Tensor, features: Tensor | None = None) -> Tensor:
+    def score(self, logits: Tensor, features: Tensor | None = None, images: Tensor | None = None) -> Tensor:
         """Probability of error / OOD per pixel, ``(N, C, H, W)`` logits (+ ``(N, F, h, w)`` features for FED-C)
         → ``(N, H, W)`` float32 in ``[0, 1]`` at the logits' resolution."""
         self._check_fitted()
@@ -524,45 +531,70 @@ class FlowEneDet:
 
     __call__ = score
 
-    # ---------------------------------------------------------------- persistence
-    def save(self, path: str | Path) -> None:
-        """Write config, SML statistics and flow weights (float32, a few hundred kB) with ``torch.save``."""
-        self._check_fitted()
-        torch.save({"format": _FORMAT, "version": _VERSION, "config": self._config(),
-                    "meta": {"num_classes": self.num_classes_, "feature_channels": self.feature_channels_,
-                             "cond_channels": self.cond_channels_, "history": list(self.history_)},
-                    "sml": self.sml_.to_dict(), "state_dict": self.net_.state_dict()}, Path(path))
+    # ---------------------------------------------------------------- persistence (the Estimator format)
+    def _get_state(self) -> dict[str, Any]:
+        return {"net_": self.net_.state_dict(), "sml_": self.sml_, "num_classes_": self.num_classes_,
+                "feature_channels_": self.feature_channels_, "cond_channels_": self.cond_channels_,
+                "history_": list(self.history_), "n_steps_": getattr(self, "n_steps_", None)}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        sml = state["sml_"]
+        if not isinstance(sml, SMLStatistics):
+            raise ValueError("sml_ is not SMLStatistics")
+        self.sml_ = sml
+        self.num_classes_, self.feature_channels_ = int(state["num_classes_"]), int(state["feature_channels_"])
+        self.cond_channels_, self.history_ = int(state["cond_channels_"]), list(state["history_"])
+        if state.get("n_steps_") is not None:
+            self.n_steps_ = int(state["n_steps_"])
+        net = EnergyFlow(n_blocks=self.n_blocks, cond_channels=self.cond_channels_, hidden=self.hidden_channels,
+                         dropout=self.dropout, seed=self.seed, downsample=self.downsample)
+        net.load_state_dict(state["net_"])
+        self.net_ = net.eval()
 
     @classmethod
-    def load(cls, path: str | Path) -> FlowEneDet:
-        """Inverse of :meth:`save` (``weights_only`` loading: no pickled code is executed)."""
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not a saved FlowEneDet")
-        if state["version"] > _VERSION:
-            raise ValueError(f"{path} was written by a newer segcal (format version {state['version']})")
-        cfg = dict(state["config"])
-        obj = cls(**cfg)
-        meta = state["meta"]
-        obj.sml_ = SMLStatistics.from_dict(state["sml"])
-        obj.num_classes_, obj.feature_channels_ = meta["num_classes"], meta["feature_channels"]
-        obj.cond_channels_, obj.history_ = meta["cond_channels"], meta["history"]
-        obj.net_ = EnergyFlow(n_blocks=obj.n_blocks, cond_channels=obj.cond_channels_, hidden=obj.hidden_channels,
-                              dropout=obj.dropout, seed=obj.seed, downsample=obj.downsample)
-        obj.net_.load_state_dict(state["state_dict"])
-        obj.net_.eval()
-        return obj
+    def _upgrade(cls, d: Any) -> Any:
+        """Read files of the first FlowEneDet format (``{"format": "segcal.FlowEneDet", "config", "meta", ...}``)."""
+        if not (isinstance(d, dict) and d.get("format") == _LEGACY_FORMAT):
+            return d
+        cfg, meta = dict(d["config"]), d["meta"]
+        return {"format": FORMAT, "version": 1, "kind": "detector", "name": f"flowenedet-{cfg['variant']}",
+                "class": "FlowEneDet", "params": cfg,
+                "state": {"net_": d["state_dict"], "sml_": {"__value__": "sml-statistics", "data": d["sml"]},
+                          "num_classes_": meta["num_classes"], "feature_channels_": meta["feature_channels"],
+                          "cond_channels_": meta["cond_channels"], "history_": meta["history"]}}
+
+
+class FlowEneDetU(FlowEneDet):
+    """FED-U: FlowEneDet on the energy alone (``FlowEneDet(variant="u")``)."""
+
+    name = "flowenedet-u"
+    _variant = "u"
+
+
+class FlowEneDetC(FlowEneDet):
+    """FED-C: FlowEneDet conditioned on decoder features (``FlowEneDet(variant="c")``); fit and score need
+    ``features``."""
+
+    name = "flowenedet-c"
+    needs_features = True
+    _variant = "c"
+
+
+_VARIANTS: dict[str, type[FlowEneDet]] = {"u": FlowEneDetU, "c": FlowEneDetC}
 
 
 def load_pretrained(name: str, variant: str = "u") -> FlowEneDet:
-    """Load a FlowEneDet shipped in ``segcal/assets/flowenedet-<variant>-<name>.pt`` (e.g. ``"espnet-camvid"``)."""
-    if variant not in ("u", "c"):
+    """Load a FlowEneDet shipped in ``segcal/assets/flowenedet-<variant>-<name>.pt`` (e.g. ``"espnet-camvid"``).
+
+    Same as ``get_detector(f"flowenedet-{variant}")``'s class ``.pretrained(name)``, but raises instead of returning
+    None.
+    """
+    if variant not in _VARIANTS:
         raise ValueError(f"`variant` must be 'u' or 'c', got {variant!r}")
-    assets = resources.files("segcal") / "assets"
-    fname = f"flowenedet-{variant}-{name}.pt"
-    target = assets / fname
-    if not target.is_file():
+    det = _VARIANTS[variant].pretrained(name)
+    if det is None:
+        assets = resources.files("segcal") / "assets"
         have = sorted(p.name for p in assets.iterdir() if p.name.startswith("flowenedet-")) if assets.is_dir() else []
-        raise FileNotFoundError(f"no shipped FlowEneDet {fname!r} in segcal/assets; available: {have or 'none'}")
-    with resources.as_file(target) as p:
-        return FlowEneDet.load(p)
+        raise FileNotFoundError(f"no shipped FlowEneDet 'flowenedet-{variant}-{name}.pt' in segcal/assets; "
+                                f"available: {have or 'none'}")
+    return det

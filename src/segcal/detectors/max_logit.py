@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from segcal.detectors._base import Detector
 from segcal.detectors._scores import as_compute
 
 
@@ -34,11 +35,14 @@ def max_logit(logits: Tensor) -> Tensor:
     return -as_compute(logits).amax(dim=1)
 
 
-class MaxLogit(nn.Module):
-    """Module twin of :func:`max_logit`."""
+class MaxLogit(Detector, nn.Module):
+    """Module twin of :func:`max_logit` (registered as ``"max_logit"``, no fit needed); ``score`` = ``forward``."""
 
-    def forward(self, logits: Tensor, features: Tensor | None = None) -> Tensor:
+    name = "max_logit"
+    requires_fit = False
+
+    def forward(self, logits: Tensor, features: Tensor | None = None, images: Tensor | None = None) -> Tensor:
         return max_logit(logits)
 
-    def score(self, logits: Tensor, features: Tensor | None = None) -> Tensor:
+    def score(self, logits: Tensor, features: Tensor | None = None, images: Tensor | None = None) -> Tensor:
         return max_logit(logits)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from segcal.detectors._base import Detector
 from segcal.detectors._scores import as_compute
 
 
@@ -37,11 +38,14 @@ def msp(logits: Tensor) -> Tensor:
     return 1.0 - z.softmax(dim=1).amax(dim=1)
 
 
-class MSP(nn.Module):
-    """Module twin of :func:`msp`; ``score`` is an alias of ``forward``."""
+class MSP(Detector, nn.Module):
+    """Module twin of :func:`msp` (registered as ``"msp"``, no fit needed); ``score`` = ``forward``."""
 
-    def forward(self, logits: Tensor, features: Tensor | None = None) -> Tensor:
+    name = "msp"
+    requires_fit = False
+
+    def forward(self, logits: Tensor, features: Tensor | None = None, images: Tensor | None = None) -> Tensor:
         return msp(logits)
 
-    def score(self, logits: Tensor, features: Tensor | None = None) -> Tensor:
+    def score(self, logits: Tensor, features: Tensor | None = None, images: Tensor | None = None) -> Tensor:
         return msp(logits)

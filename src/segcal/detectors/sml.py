@@ -7,19 +7,20 @@ the catastrophic cancellation of ``E[x²] − E[x]²`` when logits are large and
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from importlib import resources
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from segcal._checks import check_logits_target
+from segcal._estimator import FORMAT, NotFittedError, register_value_type
+from segcal.detectors._base import Detector
 from segcal.detectors._batches import BatchSource, from_store, iterate
 from segcal.detectors._scores import as_compute
 
 
+@register_value_type("sml-statistics")
 class SMLStatistics:
     r"""Per-class mean and standard deviation of the max logit over pixels predicted *and* labelled ``c``.
 
@@ -130,7 +131,7 @@ class SMLStatistics:
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "class_mean_"):
-            raise RuntimeError("SMLStatistics is not fitted: call fit(batches) or update(...).compute() first")
+            raise NotFittedError("SMLStatistics is not fitted: call fit(batches) or update(...).compute() first")
 
     def to_dict(self) -> dict[str, Any]:
         self._check_fitted()
@@ -213,8 +214,19 @@ def standardized_max_logit(logits: Tensor, class_mean: Tensor | Sequence[float],
     return -(top - mu.to(z)[pred]) / sd.to(z)[pred]
 
 
-class StandardizedMaxLogit(nn.Module):
-    """Module twin of :func:`standardized_max_logit`; statistics given or learned with :meth:`fit`.
+class StandardizedMaxLogit(Detector, nn.Module):
+    """Module twin of :func:`standardized_max_logit` (registered detector ``"sml"``); statistics given or learned.
+
+    Given ``class_mean`` and ``class_std``, the detector is ready to score; :meth:`fit` (re-)estimates them from the
+    batches it is given (:class:`SMLStatistics`, one streaming pass).
+
+    Args:
+        class_mean, class_std: ``(C,)`` statistics, or None (both) to learn them with :meth:`fit`.
+        ignore_index: label excluded from the statistics (``None`` = no void label).
+        min_count: minimum pixels for a class's own statistics (see :class:`SMLStatistics`).
+
+    Attributes:
+        class_mean_, class_std_: ``(C,)`` float64 statistics in use.
 
     Example:
         >>> import torch
@@ -223,49 +235,58 @@ class StandardizedMaxLogit(nn.Module):
         torch.Size([2, 8, 8])
     """
 
+    name = "sml"
+    _learned = ("class_mean_", "class_std_")
+
     def __init__(self, class_mean: Tensor | Sequence[float] | None = None,
-                 class_std: Tensor | Sequence[float] | None = None, *, ignore_index: int | None = 255) -> None:
+                 class_std: Tensor | Sequence[float] | None = None, *, ignore_index: int | None = 255,
+                 min_count: int = 2) -> None:
         super().__init__()
         if (class_mean is None) != (class_std is None):
             raise ValueError("give both `class_mean` and `class_std`, or neither (then call fit)")
+        self.class_mean, self.class_std = class_mean, class_std
         self.ignore_index = ignore_index
+        self.min_count = min_count
         if class_mean is not None:
             self.class_mean_ = _as_stat(class_mean, "class_mean").to(torch.float64)
             self.class_std_ = _as_stat(class_std, "class_std").to(torch.float64)  # type: ignore[arg-type]
 
     def fit(self, batches: BatchSource) -> StandardizedMaxLogit:
-        stats = fit_sml_statistics(batches, self.ignore_index)
+        """Estimate ``class_mean_`` / ``class_std_`` from ``batches`` (one pass); returns self."""
+        stats = fit_sml_statistics(batches, self.ignore_index, min_count=self.min_count)
         self.class_mean_, self.class_std_ = stats.class_mean_, stats.class_std_
         return self
 
-    def forward(self, logits: Tensor, features: Tensor | None = None) -> Tensor:
-        if not hasattr(self, "class_mean_"):
-            raise RuntimeError("StandardizedMaxLogit is not fitted: pass class statistics or call fit(batches)")
+    def forward(self, logits: Tensor, features: Tensor | None = None, images: Tensor | None = None) -> Tensor:
+        self._check_fitted()
         return standardized_max_logit(logits, self.class_mean_, self.class_std_)
 
-    def score(self, logits: Tensor, features: Tensor | None = None) -> Tensor:
+    def score(self, logits: Tensor, features: Tensor | None = None, images: Tensor | None = None) -> Tensor:
         return self.forward(logits)
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the class statistics (a plain dict, loadable with ``weights_only=True``)."""
-        if not hasattr(self, "class_mean_"):
-            raise RuntimeError("StandardizedMaxLogit is not fitted: nothing to save")
-        torch.save({"kind": "sml", "class_mean": self.class_mean_, "class_std": self.class_std_,
-                    "ignore_index": self.ignore_index}, path)
+    def _set_state(self, state: dict[str, Any]) -> None:
+        mean, std = (_as_stat(state.get(k), k) for k in ("class_mean_", "class_std_"))
+        if mean.shape != std.shape or not (std > 0).all():
+            raise ValueError("class_std_ must be positive and of the same length as class_mean_")
+        self.class_mean_, self.class_std_ = mean.to(torch.float64), std.to(torch.float64)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> StandardizedMaxLogit:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("kind") != "sml":
-            raise ValueError(f"{path} is not a saved StandardizedMaxLogit")
-        return cls(state["class_mean"], state["class_std"], ignore_index=state["ignore_index"])
+    def _upgrade(cls, d: Any) -> Any:
+        """Read files of the first SML format (``{"kind": "sml", "class_mean", "class_std", "ignore_index"}``)."""
+        if isinstance(d, dict) and d.get("kind") == "sml" and "format" not in d:
+            return {"format": FORMAT, "version": 1, "kind": "detector", "name": "sml",
+                    "class": "StandardizedMaxLogit", "params": {"ignore_index": d.get("ignore_index")},
+                    "state": {"class_mean_": d.get("class_mean"), "class_std_": d.get("class_std")}}
+        return d
 
 
 def load_pretrained_sml(name: str) -> StandardizedMaxLogit:
-    """SML statistics shipped in ``segcal/assets/sml-<name>.pt`` (training-split statistics of that model)."""
-    target = resources.files("segcal") / "assets" / f"sml-{name}.pt"
-    if not target.is_file():
+    """SML statistics shipped in ``segcal/assets/sml-<name>.pt`` (training-split statistics of that model).
+
+    Same as ``StandardizedMaxLogit.pretrained(name)`` but raises instead of returning None.
+    """
+    det = StandardizedMaxLogit.pretrained(name)
+    if det is None:
         raise FileNotFoundError(f"no shipped SML statistics 'sml-{name}.pt' in segcal/assets; fit them with "
                                 "StandardizedMaxLogit().fit(store) and pass --detector-file")
-    with resources.as_file(target) as p:
-        return StandardizedMaxLogit.load(p)
+    return det
