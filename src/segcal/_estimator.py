@@ -33,6 +33,8 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
+from segcal._io import atomic_torch_save, safe_torch_load
+
 FORMAT = "segcal.estimator"
 VERSION = 1
 
@@ -357,15 +359,7 @@ class Estimator:
         The file is written to a temporary name in the same folder and renamed, so an interrupted save never leaves
         a truncated file under ``path``. An unfitted estimator saves its parameters only.
         """
-        path = Path(path)
-        d = self._to_dict(with_state=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            torch.save(d, tmp)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        atomic_torch_save(self._to_dict(with_state=True), Path(path))
 
     @classmethod
     def load(cls: type[E], path: str | os.PathLike[str]) -> E:
@@ -379,12 +373,7 @@ class Estimator:
             ValueError: one line naming ``path`` if the file is truncated, not a segcal method, or of another class.
         """
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no such file: {path}")
-        try:
-            d = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"{path}: not a readable segcal method file ({_one_line(exc)})") from None
+        d = safe_torch_load(path, f"saved segcal {cls._kind}")
         try:
             d = cls._upgrade(d)
             obj = Estimator._from_dict(d)

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
 from segcal.calibrators import (
     CALIBRATORS,
     Calibrator,
+    IsotonicCalibration,
     NotFittedError,
+    SelectiveScaling,
+    TemperatureScaling,
+    check_is_fitted,
+    clone,
     get_calibrator,
     load,
 )
@@ -22,7 +29,7 @@ FAST = {
     "dirichlet": {"max_iter": 10, "reg_lambda": 1e-3},
     "ets": {"max_iter": 10},
 }
-NAMES = sorted(CALIBRATORS)
+NAMES = sorted(n for n, cls in CALIBRATORS.items() if cls.__module__.startswith("segcal."))
 # Documented exceptions: VS/MS/Dirichlet reorder classes; binning calibrators keep the argmax in top-label mode.
 PRESERVE = {"ts", "ets", "lts", "selective", "histogram", "isotonic"}
 
@@ -208,8 +215,14 @@ def test_one_shot_iterator_rules() -> None:
 
 
 def test_registry() -> None:
-    assert set(CALIBRATORS) == {"ts", "vs", "ms", "dirichlet", "ets", "lts", "selective", "histogram", "isotonic"}
+    assert set(NAMES) == {"ts", "vs", "ms", "dirichlet", "ets", "lts", "selective", "histogram", "isotonic"}
     assert type(get_calibrator("TemperatureScaling")) is CALIBRATORS["ts"]
+    for alias in ("TS", " ts ", "temperaturescaling", "Temperature_Scaling".replace("_", "")):
+        assert type(get_calibrator(alias)) is TemperatureScaling
+    assert CALIBRATORS["LTS"].needs_images and not any(CALIBRATORS[n].needs_images for n in set(NAMES) - {"lts"})
+    assert not any(CALIBRATORS[n].needs_features for n in NAMES) and all(CALIBRATORS[n].requires_fit for n in NAMES)
+    with pytest.raises(ValueError, match=r"unknown calibrator 'nope'; choose one of .*'ts'"):
+        get_calibrator("nope")
     assert get_calibrator("ts", t_bounds=(0.5, 2.0)).t_bounds == (0.5, 2.0)
     with pytest.raises(ValueError, match="unknown calibrator"):
         get_calibrator("nope")
@@ -231,3 +244,154 @@ def test_fit_from_logits_store(name: str, tmp_path) -> None:
     ref = make(name).fit(z.half().float(), y)  # the store keeps float16 logits
     for source in (store, lambda: store.batches(batch_size=3)):
         assert_same_state(make(name).fit(source), ref, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ the method contract
+def same_params(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], Calibrator):
+            assert type(a[k]) is type(b[k])
+            same_params(a[k].get_params(), b[k].get_params())
+        else:
+            assert a[k] == b[k], k
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_get_params_round_trip_and_ignore_index(name: str) -> None:
+    cal = make(name, ignore_index=7)
+    params = cal.get_params()
+    assert params["ignore_index"] == 7  # every calibrator takes the data's void label
+    same_params(type(cal)(**params).get_params(), params)
+    assert cal.set_params(ignore_index=None).ignore_index is None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_clone_is_unfitted_with_the_same_parameters(name: str) -> None:
+    z, y, img = data(10)
+    cal = fit(make(name), z, y, img)
+    check_is_fitted(cal)
+    copy = clone(cal)
+    assert type(copy) is type(cal) and not copy.is_fitted()
+    same_params(copy.get_params(), cal.get_params())
+    with pytest.raises(NotFittedError, match="not fitted"):
+        copy.transform(z, img)
+    with pytest.raises(NotFittedError):
+        check_is_fitted(copy)
+
+
+def test_clone_and_set_params_reach_nested_estimators() -> None:
+    sel = SelectiveScaling(base=TemperatureScaling(t_bounds=(0.5, 2.0)), epochs=1)
+    copy = clone(sel)
+    assert copy.base is not sel.base and copy.base.t_bounds == (0.5, 2.0)
+    assert sel.get_params(deep=True)["base__t_bounds"] == (0.5, 2.0)
+    sel.set_params(base__t_bounds=(0.1, 3.0))
+    assert sel.base.t_bounds == (0.1, 3.0)
+
+
+@pytest.mark.parametrize("corruption", ["truncated", "garbage", "pickle", "no-format", "bad-state", "bad-params"])
+def test_corrupted_file_gives_one_line_value_error_naming_the_path(corruption: str, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    z, y, _ = data()
+    path = tmp_path / "cal.pt"
+    make("vs").fit(z, y).save(path)
+    if corruption == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    elif corruption == "garbage":
+        path.write_bytes(bytes(range(256)) * 4)
+    elif corruption == "pickle":
+        path.write_bytes(pickle.dumps(_Boom()))
+    elif corruption == "no-format":
+        torch.save({"weights": torch.ones(3)}, path)
+    elif corruption == "bad-state":
+        d = torch.load(path, weights_only=True)
+        del d["state"]["weight_"]
+        torch.save(d, path)
+    else:
+        d = torch.load(path, weights_only=True)
+        d["params"]["no_such_param"] = 1
+        torch.save(d, path)
+    with pytest.raises(ValueError, match=r"cal\.pt") as err:
+        load(path)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "PWNED").exists()
+
+
+class _Boom:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_save_is_atomic_and_unfitted_save_keeps_parameters(tmp_path) -> None:
+    path = tmp_path / "ts.pt"
+    make("ts", t_bounds=(0.3, 3.0)).save(path)
+    loaded = load(path)
+    assert loaded.t_bounds == (0.3, 3.0) and not loaded.is_fitted()
+    assert [p.name for p in tmp_path.iterdir()] == ["ts.pt"]
+
+
+def test_first_format_files_still_load(tmp_path) -> None:
+    z, y, _ = data()
+    ts = make("ts").fit(z, y)
+    legacy = {"format": "segcal.calibrator", "version": 1, "class": "SelectiveScaling",
+              "params": {**{k: v for k, v in SelectiveScaling().get_params().items() if k != "base"},
+                         "base": {"__calibrator__": {"format": "segcal.calibrator", "version": 1,
+                                                     "class": "TemperatureScaling", "params": ts.get_params()}}},
+              "state": None}
+    torch.save(legacy, tmp_path / "old.pt")
+    old = load(tmp_path / "old.pt")
+    assert type(old) is SelectiveScaling and type(old.base) is TemperatureScaling
+
+
+# --------------------------------------------------------------------------- a calibrator defined in a test file
+class DummyCalibrator(Calibrator):
+    """Divides the logits by (1 + the mean absolute logit of the fit data): enough to tell fitted from unfitted."""
+
+    name = "dummy"
+    _learned = ("scale_",)
+
+    def __init__(self, ignore_index: int | None = 255, *, shift: float = 1.0) -> None:
+        self.ignore_index = ignore_index
+        self.shift = shift
+
+    def _fit(self, source) -> None:
+        total = [b.logits.abs().mean() for b in source]
+        self.scale_ = self.shift + float(torch.stack(total).mean())
+
+    def _transform(self, z, images):
+        return z / self.scale_
+
+
+def test_a_calibrator_defined_in_a_test_file_is_registered(tmp_path) -> None:
+    z, y, _ = data(11)
+    cal = get_calibrator("DUMMY", shift=2.0)
+    assert type(cal) is DummyCalibrator and "dummy" in CALIBRATORS
+    cal.fit(z, y)
+    cal.save(tmp_path / "d.pt")
+    torch.testing.assert_close(load(tmp_path / "d.pt").transform(z), z / cal.scale_)
+
+
+def test_dummy_calibrator_reaches_segcal_fit(tmp_path) -> None:
+    from segcal.cli import main
+    from segcal.data import LogitsStore
+
+    z, y, _ = data(12)
+    store = LogitsStore.create(tmp_path / "store", {"model": "m", "dataset": "toy", "split": "val",
+                                                    "num_classes": 4})
+    for i in range(4):
+        store.write(f"img{i}", z[i], y[i])
+    store.finalize()
+    assert main(["fit", "--logits", str(tmp_path / "store"), "--calibrator", "dummy", "--arg", "shift=3",
+                 "--out", str(tmp_path / "dummy.pt")]) == 0
+    cal = load(tmp_path / "dummy.pt")
+    assert type(cal) is DummyCalibrator and cal.shift == 3 and cal.is_fitted()
+
+
+@pytest.mark.parametrize("base", [None, TemperatureScaling(), IsotonicCalibration()])
+def test_selective_composes_any_calibrator_through_public_api(base) -> None:
+    z, y, _ = data(13, n=8)
+    sel = make("selective", base=base).fit(z, y)
+    out = sel.transform(z)
+    assert torch.equal(out.argmax(1), z.argmax(1)) and torch.isfinite(out).all()
+    if base is not None:
+        assert type(sel.base_) is type(base) and sel.base_ is not base and not base.is_fitted()
