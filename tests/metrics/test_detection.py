@@ -3,6 +3,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from segcal.metrics import DetectionMetrics
@@ -69,17 +71,105 @@ def test_ties_and_score_range_mode():
         assert float(out["fpr95"]) == pytest.approx(fpr95, abs=1e-9)
 
 
-def test_score_key_is_monotone_over_all_magnitudes():
-    s = torch.tensor([-1e30, -3e7, -5.0, -1.0, -0.999, -1e-3, -1e-20, 0.0, 1e-20, 1e-9, 0.5, 0.501, 1.0,
-                      7.0, 1e6, 3e9, 1e30])
-    k = _score_key(s, 2**17, None)
+def test_score_key_is_monotone_over_the_whole_float32_range():
+    f32 = torch.finfo(torch.float32)
+    s = torch.tensor([-math.inf, -f32.max, -1e30, -3e7, -5.0, -1.0, -0.999, -1e-3, -1e-20, -1e-38, -0.0, 0.0, 1e-38,
+                      1e-30, 1e-20, 1e-9, 0.5, 0.501, 1.0, 7.0, 1e6, 2.0**24, 3e9, 1e30, f32.max, math.inf])
+    k = _score_key(s, 2**19, None)
     assert torch.all(k[1:] >= k[:-1])
-    assert int(k.min()) >= 0 and int(k.max()) < _n_bins(2**17, None)
-    resolved = [2, 3, 4, 5, 7, 9, 10, 11, 12, 13]  # |s| in [2**-40, 2**24) and 0: all distinct
-    assert len(set(k[resolved].tolist())) == len(resolved)
-    assert k[6] == k[7] == k[8]  # |s| < 2**-40 shares the zero bin
+    assert int(k.min()) >= 0 and int(k.max()) < _n_bins(2**19, None)
+    assert k[10] == k[11]  # -0.0 and 0.0 are the same score
+    others = [i for i in range(len(s)) if i != 10]
+    assert len(set(k[others].tolist())) == len(others)  # every other magnitude has its own bin
     kr = _score_key(torch.tensor([-5.0, 0.0, 0.25, 1.0, 9.0]), 4, (0.0, 1.0))
     assert kr.tolist() == [0, 0, 1, 3, 3]
+
+
+def _saturated_entropy(seed=0):
+    """Entropies of a saturated softmax (most far below 2**-40) and its errors, as a confident model gives."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(4, 8, 32, 32, generator=g) * 40
+    p = torch.softmax(logits, 1)
+    ent = -(p * p.clamp_min(1e-45).log()).sum(1)
+    noisy = torch.randint(0, 8, (4, 32, 32), generator=g)
+    target = torch.where(torch.rand(4, 32, 32, generator=g) < 0.9, logits.argmax(1), noisy)
+    return ent, logits.argmax(1) != target
+
+
+def _large_scores(seed=0):
+    """Scores >= 2**24 (e.g. energies of unnormalised flows) with AUROC ~0.87."""
+    g = torch.Generator().manual_seed(seed)
+    s = 2.0**24 * torch.exp(torch.randn(2, 32, 32, generator=g))
+    return s, torch.rand(2, 32, 32, generator=g) < torch.sigmoid(2 * torch.log(s / 2.0**24))
+
+
+@pytest.mark.parametrize("case", ["entropy", "large", "negative_large", "tiny_negative"])
+def test_issue_cases_match_sklearn_within_bound(case):
+    """Issue 12 item 3: saturated entropies (< 2**-40) and scores >= 2**24 used to collapse into one bin."""
+    if case == "entropy":
+        s, y = _saturated_entropy()
+        assert float((s.abs() < 2.0**-40).float().mean()) > 0.1  # the failing regime of the issue
+    else:
+        s, y = _large_scores()
+        if case == "negative_large":
+            s, y = -s, ~y
+        elif case == "tiny_negative":
+            s = -1.0 / s  # in (-2**-20, 0): same order as the large scores
+    auc, ap, fpr95 = _sk(s, y)
+    m = DetectionMetrics()
+    m.update(s, y)
+    out = m.compute()
+    for key, ref in (("auroc", auc), ("ap", ap), ("fpr95", fpr95)):
+        err = abs(float(out[key]) - ref)
+        assert err <= float(out[f"{key}_error_bound"]), key
+        assert err < 1e-3, key
+    if case == "large":
+        assert auc > 0.85  # the old code reported 0.5 here
+
+
+def test_infinite_scores_are_ranked_at_the_ends():
+    s, y = _large_scores(seed=1)
+    s = s.clone()
+    s[0, 0, :4] = math.inf
+    s[0, 1, :4] = -math.inf
+    y[0, 0, :4] = True
+    y[0, 1, :4] = False
+    f64 = torch.finfo(torch.float64).max
+    ref = _sk(s.double().nan_to_num(posinf=f64, neginf=-f64), y)  # sklearn refuses inf
+    for m in (DetectionMetrics(), DetectionMetrics(exact=True)):
+        m.update(s, y)
+        out = m.compute()
+        for key, r in zip(("auroc", "ap", "fpr95"), ref):
+            assert abs(float(out[key]) - r) <= float(out[f"{key}_error_bound"]) + 1e-12
+
+
+def test_exact_mode_reports_zero_bounds():
+    s, y = _realistic_scores("msp")
+    m = DetectionMetrics(exact=True)
+    m.update(s, y)
+    out = m.compute()
+    assert float(out["auroc_error_bound"]) == float(out["ap_error_bound"]) == float(out["fpr95_error_bound"]) == 0
+
+
+_float_scores = st.one_of(
+    st.floats(allow_nan=False, width=32),
+    st.sampled_from([0.0, -0.0, 1.0, -1.0, 1e-42, 2.0**24, math.inf, -math.inf]),
+)
+
+
+@given(st.lists(st.tuples(_float_scores, st.booleans()), min_size=2, max_size=300),
+       st.sampled_from([2**9, 2**10, 2**12, 2**19]))
+def test_true_value_lies_within_the_reported_bound(pairs, n_thresholds):
+    y = torch.tensor([b for _, b in pairs])
+    assume(bool(y.any()) and not bool(y.all()))
+    s = torch.tensor([v for v, _ in pairs], dtype=torch.float32)
+    f64 = torch.finfo(torch.float64).max
+    ref = _sk(s.double().nan_to_num(posinf=f64, neginf=-f64).view(1, 1, -1), y.view(1, 1, -1))
+    m = DetectionMetrics(n_thresholds=n_thresholds)
+    m.update(s.view(1, 1, -1), y.view(1, 1, -1))
+    out = m.compute()
+    for key, r in zip(("auroc", "ap", "fpr95"), ref):
+        assert abs(float(out[key]) - r) <= float(out[f"{key}_error_bound"]), key
 
 
 def test_per_image_average_skips_one_class_images():

@@ -72,7 +72,7 @@ miou = _one("miou")
 miou.__doc__ = "Mean IoU over classes with a non-empty union."
 
 
-def detection_metrics(scores: Tensor, positive: Tensor, valid: Tensor | None = None, n_thresholds: int = 2**17,
+def detection_metrics(scores: Tensor, positive: Tensor, valid: Tensor | None = None, n_thresholds: int = 2**19,
                       exact: bool = False, score_range: tuple[float, float] | None = None,
                       per_image: bool = False) -> dict[str, Tensor]:
     """Every value of :class:`DetectionMetrics` for one batch of (N, H, W) scores."""
@@ -81,19 +81,19 @@ def detection_metrics(scores: Tensor, positive: Tensor, valid: Tensor | None = N
     return m.compute()
 
 
-def auroc(scores: Tensor, positive: Tensor, valid: Tensor | None = None, n_thresholds: int = 2**17,
+def auroc(scores: Tensor, positive: Tensor, valid: Tensor | None = None, n_thresholds: int = 2**19,
           exact: bool = False, score_range: tuple[float, float] | None = None) -> Tensor:
     """Area under the ROC curve of ``scores`` for the ``positive`` pixels (ties count one half)."""
     return detection_metrics(scores, positive, valid, n_thresholds, exact, score_range)["auroc"]
 
 
-def average_precision(scores: Tensor, positive: Tensor, valid: Tensor | None = None, n_thresholds: int = 2**17,
+def average_precision(scores: Tensor, positive: Tensor, valid: Tensor | None = None, n_thresholds: int = 2**19,
                       exact: bool = False, score_range: tuple[float, float] | None = None) -> Tensor:
     """Average precision ``sum_i (R_i - R_{i-1}) P_i`` (sklearn's ``average_precision_score``)."""
     return detection_metrics(scores, positive, valid, n_thresholds, exact, score_range)["ap"]
 
 
-def fpr_at_tpr(scores: Tensor, positive: Tensor, valid: Tensor | None = None, n_thresholds: int = 2**17,
+def fpr_at_tpr(scores: Tensor, positive: Tensor, valid: Tensor | None = None, n_thresholds: int = 2**19,
                exact: bool = False, score_range: tuple[float, float] | None = None) -> Tensor:
     """FPR at the highest threshold whose TPR reaches 0.95 (FPR95)."""
     return detection_metrics(scores, positive, valid, n_thresholds, exact, score_range)["fpr95"]
