@@ -1,9 +1,13 @@
 """Shared binning and fixed-point helpers for the streaming metrics.
 
-Every sum state is stored as an ``int64`` fixed-point number (``FIXED_SCALE`` units per 1.0). Each batch's float64
-partial sums are rounded once to this grid, after which all accumulation is integer addition: associative, so any
-split into batches or processes that feeds the same batches gives bit-identical states (the DDP guarantee), and the
-rounding error is at most ``0.5 / FIXED_SCALE`` (3e-8) per bin and batch.
+Every real-valued sum state is stored as ``int64`` fixed point. Each batch's float64 partial sums are rounded once
+to this grid, after which all accumulation is integer addition: associative, so any split into batches or processes
+that feeds the same batches gives bit-identical states (the DDP guarantee).
+
+Overflow is never silent: a word whose magnitude reaches ``FIXED_LIMIT`` (2**62) marks an overflow (a batch value
+too large for the grid is clamped to it, NaN/inf too), and :func:`check_fixed` raises ``OverflowError`` naming the
+state; the metrics call it on the new states before committing an update and again in ``compute``. Summing two
+valid words (< 2**62 each, e.g. two DDP ranks) cannot wrap int64.
 """
 
 from __future__ import annotations
@@ -17,16 +21,31 @@ FIXED_SCALE = 2.0**24
 """Fixed-point units per 1.0 for pixel sum states (capacity ~5e11 pixels of confidence per bin)."""
 
 IMAGE_SCALE = 2.0**40
-"""Fixed-point units for sums of per-image values in [0, 1] (capacity ~8e6 images, resolution 1e-12)."""
+"""Fixed-point units for sums of per-image values in [0, 1] (capacity 2**22 ~ 4.2e6 images, resolution 1e-12)."""
+
+FIXED_LIMIT = 2**62
+"""A fixed-point word at or beyond +-FIXED_LIMIT means overflow (see :func:`check_fixed`)."""
+
+HI_SCALE = 2.0**8
+"""Units per 1.0 of the high word of the two-word format: capacity ``2**62 / 2**8 = 2**54`` (1.8e16)."""
+
+LO_SCALE = 2.0**32
+"""The low word carries the next 32 bits (batch resolution 2**-40); it can absorb 2**30 batches."""
 
 # The adaptive-ECE fine histogram lives on t = -log2(1 - c) in [0, ACE_T_MAX]: float32 cannot represent a
 # confidence in (1 - 2**-24, 1), so 24 octaves cover every float32 confidence below 1, and c == 1 gets its own bin.
 ACE_T_MAX = 24.0
 
 
+def _clamp_limit(v: Tensor) -> Tensor:
+    """NaN/inf and values beyond the capacity -> the overflow marker +-FIXED_LIMIT (the int64 cast is defined)."""
+    lim = float(FIXED_LIMIT)
+    return torch.nan_to_num(v, nan=lim, posinf=lim, neginf=-lim).clamp_(-lim, lim)
+
+
 def to_fixed(x: Tensor, scale: float = FIXED_SCALE) -> Tensor:
-    """Round a float tensor to the int64 fixed-point grid."""
-    return torch.round(x.to(torch.float64) * scale).to(torch.int64)
+    """Round a float tensor to the int64 fixed-point grid (``+-FIXED_LIMIT`` marks a value that does not fit)."""
+    return _clamp_limit(torch.round(x.to(torch.float64) * scale)).to(torch.int64)
 
 
 def from_fixed(x: Tensor, scale: float = FIXED_SCALE) -> Tensor:
@@ -35,20 +54,37 @@ def from_fixed(x: Tensor, scale: float = FIXED_SCALE) -> Tensor:
 
 
 def to_fixed2(x: Tensor) -> Tensor:
-    """Two-word fixed point, shape ``x.shape + (2,)``: ``x ~ (hi + lo / 2**24) / 2**24``.
+    """Two-word fixed point, shape ``x.shape + (2,)``: ``x ~ (hi + lo / 2**32) / 2**8``.
 
-    The high word keeps the capacity of ``FIXED_SCALE``; the low word carries the next 24 bits, so a batch's
-    contribution is rounded to 2**-48 instead of 2**-24.
+    The high word holds ``floor(x * 2**8)`` (capacity 2**54 ~ 1.8e16, enough for the NLL of 1e11 pixels at
+    -log p = 1e5); the low word the next 32 bits, so a batch's contribution is rounded to 2**-40 (9e-13). A value
+    beyond the capacity (or NaN/inf) becomes the overflow marker and makes :func:`check_fixed` raise.
     """
-    v = x.to(torch.float64) * FIXED_SCALE
+    v = _clamp_limit(x.to(torch.float64) * HI_SCALE)
     hi = torch.floor(v)
-    lo = torch.round((v - hi) * FIXED_SCALE)
+    lo = torch.round((v - hi) * LO_SCALE)
     return torch.stack([hi, lo], -1).to(torch.int64)
 
 
 def from_fixed2(x: Tensor) -> Tensor:
     """Two-word fixed-point state (``..., 2``) -> float64."""
-    return (x[..., 0].to(torch.float64) + x[..., 1].to(torch.float64) / FIXED_SCALE) / FIXED_SCALE
+    return (x[..., 0].to(torch.float64) + x[..., 1].to(torch.float64) / LO_SCALE) / HI_SCALE
+
+
+def check_fixed(states: dict[str, Tensor], names: tuple[str, ...]) -> None:
+    """Raise ``OverflowError`` naming the first state among ``names`` that holds an overflow marker.
+
+    One device reduction and one host synchronisation for all states; the search for the name only runs on failure.
+    """
+    lim = FIXED_LIMIT
+    flags = torch.stack([((states[k] >= lim) | (states[k] <= -lim)).any() for k in names])
+    if bool(flags.any()):
+        name = names[int(flags.to(torch.int8).argmax())]
+        raise OverflowError(
+            f"metric state `{name}` overflowed its int64 fixed-point capacity (a single sum of 2**54 ~ 1.8e16, or "
+            f"2**22 images for per-image sums): the value cannot be represented exactly, so no number is reported "
+            f"(for `nll_sum`: predictions so confident and wrong that the summed -log p_y exceeds the capacity). "
+            f"Evaluate fewer pixels per metric object and combine the results yourself.")
 
 
 def slot_index(c: Tensor, n_bins: int) -> Tensor:
@@ -74,12 +110,12 @@ def ace_fine_index(c: Tensor, resolution: int) -> Tensor:
     return t.to(torch.int32).clamp_(0, resolution - 2).masked_fill_(c >= 1.0, resolution - 1)
 
 
-def ace_fine_edges(resolution: int) -> Tensor:
+def ace_fine_edges(resolution: int, device: torch.device | str | None = None) -> Tensor:
     """(resolution + 1,) confidence edges of the fine histogram (float64); the last bin is the point c = 1."""
-    j = torch.arange(resolution, dtype=torch.float64)
-    lo = 1.0 - torch.pow(2.0, -j * ACE_T_MAX / (resolution - 1))
-    lo[-1] = 1.0
-    return torch.cat([lo, torch.ones(1, dtype=torch.float64)])
+    j = torch.arange(resolution + 1, dtype=torch.float64, device=device)
+    edges = 1.0 - torch.pow(2.0, -j * ACE_T_MAX / (resolution - 1))
+    edges[-2:] = 1.0
+    return edges
 
 
 def check_n_bins(n_bins: object, name: str = "n_bins") -> int:
@@ -88,5 +124,5 @@ def check_n_bins(n_bins: object, name: str = "n_bins") -> int:
     return n_bins
 
 
-def nan() -> Tensor:
-    return torch.tensor(math.nan, dtype=torch.float64)
+def nan(device: torch.device | str | None = None) -> Tensor:
+    return torch.tensor(math.nan, dtype=torch.float64, device=device)

@@ -20,6 +20,7 @@ from segcal.metrics._binning import (
     IMAGE_SCALE,
     ace_fine_edges,
     ace_fine_index,
+    check_fixed,
     check_n_bins,
     from_fixed,
     from_fixed2,
@@ -90,6 +91,10 @@ def _state_shapes(cfg: _CalibrationConfig) -> dict[str, tuple[int, ...]]:
     }
 
 
+# Real-valued (fixed-point) states: checked for overflow before an update is committed and before compute.
+_FIXED_STATES = ("bin_conf", "fine_conf", "cw_conf", "nll_sum", "brier_sum", "image_ece_sum")
+
+
 def _zero_states(cfg: _CalibrationConfig, device: torch.device | None = None) -> dict[str, Tensor]:
     return {k: torch.zeros(s, dtype=torch.int64, device=device) for k, s in _state_shapes(cfg).items()}
 
@@ -104,7 +109,7 @@ def _format_calibration(preds: object, target: object, cfg: _CalibrationConfig) 
         raise ValueError(f"`preds` has C={preds.shape[1]} classes but num_classes={cfg.num_classes}")
     n, _, h, w = preds.shape
     target = check_target(target, cfg.num_classes, cfg.ignore_index, shape=(n, h, w))
-    lo, hi = float(preds.min()), float(preds.max())
+    lo, hi = (float(v) for v in torch.aminmax(preds))
     if lo < 0.0 or hi > 1.0:
         raise ValueError(f"`preds` with input='probs' must lie in [0, 1], got min {lo:.4g}, max {hi:.4g}")
     tol = 1e-3 if preds.dtype in (torch.float32, torch.float64) else 2e-2
@@ -200,11 +205,10 @@ def _classwise_rows(pn: Tensor, n: int) -> Tensor:
 def _log_label_prob(x: Tensor, p_y: Tensor, y: Tensor, valid: Tensor, cfg: _CalibrationConfig) -> Tensor:
     """log p_y; an underflowed p_y would cap the NLL, so those (rare) pixels are recomputed from the logits."""
     logp_y = torch.log(p_y.clamp_min(torch.finfo(p_y.dtype).tiny))
-    if cfg.input == "logits" and bool(p_y.amin() < 1e-30):
+    if cfg.input == "logits" and bool(p_y.amin() < 1e-30):  # one host sync; the rare path below may add more
         under = valid & (p_y < 1e-30)
-        if under.any():
-            xs = x.permute(0, 2, 3, 1)[under].to(p_y.dtype)
-            logp_y[under] = xs.gather(1, y[under].unsqueeze(1)).squeeze(1) - torch.logsumexp(xs, 1)
+        xs = x.permute(0, 2, 3, 1)[under].to(p_y.dtype)
+        logp_y[under] = xs.gather(1, y[under].unsqueeze(1)).squeeze(1) - torch.logsumexp(xs, 1)
     return logp_y
 
 
@@ -301,7 +305,8 @@ def _ece_terms(count: Tensor, correct: Tensor, conf: Tensor) -> dict[str, Tensor
     """ECE, MCE, OE and accuracy from float64 per-bin count / correct-sum / confidence-sum."""
     total = count.sum()
     if total <= 0:
-        return {"ece": nan(), "mce": nan(), "oe": nan(), "accuracy": nan()}
+        return {"ece": nan(count.device), "mce": nan(count.device), "oe": nan(count.device),
+                "accuracy": nan(count.device)}
     nz = count > 0
     acc_b = correct[nz] / count[nz]
     conf_b = conf[nz] / count[nz]
@@ -324,13 +329,15 @@ def _adaptive_ece(count: Tensor, correct: Tensor, conf: Tensor, n_bins: int,
     ``q (m - q) / m * (1 + d)``, and each adaptive bin's error is the difference of its two boundaries' errors.
     """
     total = count.sum()
+    dev = count.device
     if total <= 0:
-        return nan(), nan()
+        return nan(dev), nan(dev)
     nz = count > 0
-    cum_n = torch.cat([torch.zeros(1, dtype=torch.float64), count[nz].cumsum(0)])
-    cum_x = torch.cat([torch.zeros(1, dtype=torch.float64), (correct[nz] - conf[nz]).cumsum(0)])
+    z = torch.zeros(1, dtype=torch.float64, device=dev)
+    cum_n = torch.cat([z, count[nz].cumsum(0)])
+    cum_x = torch.cat([z, (correct[nz] - conf[nz]).cumsum(0)])
     width = (edges[1:] - edges[:-1])[nz]
-    beta = total * torch.arange(n_bins + 1, dtype=torch.float64) / n_bins
+    beta = total * torch.arange(n_bins + 1, dtype=torch.float64, device=dev) / n_bins
     j = torch.searchsorted(cum_n, beta, right=False).clamp(1, len(cum_n) - 1)
     lo, hi = cum_n[j - 1], cum_n[j]
     frac = ((beta - lo) / (hi - lo)).clamp(0.0, 1.0)
@@ -354,34 +361,40 @@ def _iou(confmat: Tensor) -> Tensor:
 
 
 def _compute_calibration(states: dict[str, Tensor], cfg: _CalibrationConfig) -> dict[str, Tensor]:
-    """Fixed-size states -> metric values (float64 scalars; per-class tensors of shape (C,))."""
+    """Fixed-size states -> metric values (float64 scalars; per-class tensors of shape (C,)).
+
+    Raises ``OverflowError`` if a fixed-point state overflowed (never a wrong number).
+    """
+    check_fixed(states, _FIXED_STATES)
     count = states["bin_count"].to(torch.float64)
+    dev = count.device
     correct = states["bin_correct"].to(torch.float64)
     conf = from_fixed2(states["bin_conf"])
     out = _ece_terms(count.sum(0), correct.sum(0), conf.sum(0))
     total = count.sum()
     ace, bound = _adaptive_ece(states["fine_count"].to(torch.float64), states["fine_correct"].to(torch.float64),
-                               from_fixed2(states["fine_conf"]), cfg.n_bins, ace_fine_edges(cfg.ace_resolution))
+                               from_fixed2(states["fine_conf"]), cfg.n_bins, ace_fine_edges(cfg.ace_resolution, dev))
     out["ace"] = ace
     out["ace_error_bound"] = bound
-    keep = torch.ones(cfg.num_classes, dtype=torch.bool)
+    keep = torch.ones(cfg.num_classes, dtype=torch.bool, device=dev)
     keep[list(cfg.exclude_classes)] = False
     if cfg.classwise:
         if total > 0:
             per_class = (states["cw_pos"].to(torch.float64) - from_fixed2(states["cw_conf"])).abs().sum(1) / total
         else:
-            per_class = torch.full((cfg.num_classes,), math.nan, dtype=torch.float64)
+            per_class = torch.full((cfg.num_classes,), math.nan, dtype=torch.float64, device=dev)
         out["cw_ece"] = per_class[keep].mean()
         out["cw_ece_per_class"] = per_class
-    safe = total if total > 0 else torch.tensor(math.nan, dtype=torch.float64)
+    safe = torch.where(total > 0, total, math.nan)
     out["nll"] = from_fixed2(states["nll_sum"]) / safe
     out["brier"] = from_fixed2(states["brier_sum"]) / safe
     iou = _iou(states["confmat"])
     ok = keep & ~torch.isnan(iou)
-    out["miou"] = iou[ok].mean() if ok.any() else nan()
+    out["miou"] = iou[ok].mean() if ok.any() else nan(dev)
     out["iou"] = iou
     n_img = states["image_count"].to(torch.float64)
-    out["image_ece"] = from_fixed(states["image_ece_sum"], IMAGE_SCALE) / n_img if n_img > 0 else nan()
+    out["image_ece"] = torch.where(n_img > 0, from_fixed(states["image_ece_sum"], IMAGE_SCALE) / n_img.clamp_min(1.0),
+                                   math.nan)
     out["n_pixels"] = total
     if cfg.boundary_width is not None:
         out["interior_ece"] = _ece_terms(count[0], correct[0], conf[0])["ece"]
@@ -400,7 +413,7 @@ def _reliability(states: dict[str, Tensor], cfg: _CalibrationConfig, region: int
         count, correct, conf = count[region], correct[region], conf[region]
     denom = torch.where(count > 0, count, math.nan)
     return {
-        "edges": torch.linspace(0.0, 1.0, cfg.n_bins + 1, dtype=torch.float64),
+        "edges": torch.linspace(0.0, 1.0, cfg.n_bins + 1, dtype=torch.float64, device=count.device),
         "count": count,
         "confidence": conf / denom,
         "accuracy": correct / denom,
@@ -489,8 +502,11 @@ class CalibrationMetrics(Metric):
         """Add one batch of (N, C, H, W) scores and (N, H, W) labels to the states."""
         if self.validate_args:
             preds, target = _format_calibration(preds, target, self._cfg)
-        for k, v in _update_calibration(preds, target, self._cfg).items():
-            setattr(self, k, getattr(self, k) + v.to(getattr(self, k).device))
+        new = {k: getattr(self, k) + v.to(getattr(self, k).device)
+               for k, v in _update_calibration(preds, target, self._cfg).items()}
+        check_fixed(new, _FIXED_STATES)  # raises before anything is committed
+        for k, v in new.items():
+            setattr(self, k, v)
 
     def compute(self) -> dict[str, Tensor]:
         """States -> dict of metric values (see the class docstring)."""

@@ -14,7 +14,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from segcal._checks import check_tensor
-from segcal.metrics._binning import IMAGE_SCALE, from_fixed, to_fixed
+from segcal.metrics._binning import IMAGE_SCALE, check_fixed, from_fixed, to_fixed
 
 _MIN_BITS = 9  # sign + 8 exponent bits: one bin per octave of each sign
 _MAX_BITS = 24
@@ -304,8 +304,11 @@ class DetectionMetrics(Metric):
         scores, positive, valid = _format_detection(scores, positive, valid)
         inc = _update_detection(scores, positive, valid, self.n_thresholds, self.score_range, self.exact,
                                 self.per_image)
-        for k, v in inc.items():
-            setattr(self, k, getattr(self, k) + v)
+        new = {k: getattr(self, k) + v for k, v in inc.items()}
+        if self.per_image:
+            check_fixed(new, ("img_sums",))  # raises before anything is committed
+        for k, v in new.items():
+            setattr(self, k, v)
         if self.exact:
             self.scores.append(scores[valid].to(torch.float64))
             self.labels.append(positive[valid])
@@ -329,6 +332,7 @@ class DetectionMetrics(Metric):
         out["n_positive"] = pos.sum().to(torch.float64)
         out["n_negative"] = neg.sum().to(torch.float64)
         if self.per_image:
+            check_fixed({"img_sums": self.img_sums}, ("img_sums",))
             n = self.img_count.to(torch.float64)
             vals = torch.where(n > 0, from_fixed(self.img_sums, IMAGE_SCALE) / n.clamp_min(1.0), math.nan)
             out.update(auroc_per_image=vals[0], ap_per_image=vals[1], fpr95_per_image=vals[2], n_images=n)

@@ -35,8 +35,8 @@ def f1_optimal_threshold(scores: Tensor, positive: Tensor) -> float:
     order = torch.argsort(scores.double(), descending=True, stable=True)
     s, y = scores.double()[order], positive[order]
     tp = torch.cumsum(y, 0).double()
-    k = torch.arange(1, len(s) + 1, dtype=torch.float64)
-    last_of_tie = torch.ones(len(s), dtype=torch.bool)
+    k = torch.arange(1, len(s) + 1, dtype=torch.float64, device=s.device)
+    last_of_tie = torch.ones(len(s), dtype=torch.bool, device=s.device)
     last_of_tie[:-1] = s[1:] != s[:-1]  # a threshold takes every pixel of a tie together
     f1 = torch.where(last_of_tie, 2 * tp / (k + n_pos), torch.zeros_like(tp))
     return float(s[int(torch.argmax(f1))])
