@@ -90,3 +90,19 @@ def test_detection_per_image_sums_refuse_to_wrap():
     m.img_sums = torch.full_like(m.img_sums, FIXED_LIMIT - 1)
     with pytest.raises(OverflowError, match="img_sums"):
         m.update(s, s > 0.5)
+
+
+def test_per_image_sums_do_not_depend_on_the_batching():
+    """Per-image values are rounded to the grid one image at a time (torchrun evaluate batches differently)."""
+    g = torch.Generator().manual_seed(3)
+    logits, target = torch.randn(4, 3, 8, 8, generator=g) * 3, torch.randint(0, 3, (4, 8, 8), generator=g)
+    scores = torch.rand(4, 8, 8, generator=g)
+    whole, split = CalibrationMetrics(3), CalibrationMetrics(3)
+    dwhole, dsplit = DetectionMetrics(per_image=True), DetectionMetrics(per_image=True)
+    whole.update(logits, target)
+    dwhole.update(scores, logits.argmax(1) != target)
+    for i in range(4):
+        split.update(logits[i:i + 1], target[i:i + 1])
+        dsplit.update(scores[i:i + 1], logits[i:i + 1].argmax(1) != target[i:i + 1])
+    assert torch.equal(whole.image_ece_sum, split.image_ece_sum)
+    assert torch.equal(dwhole.img_sums, dsplit.img_sums)

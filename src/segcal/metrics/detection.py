@@ -215,8 +215,8 @@ def _update_detection(scores: Tensor, positive: Tensor, valid: Tensor, n_thresho
     if per_image:
         vals = torch.stack([per["auroc"], per["ap"], per["fpr95"]], -1)
         ok = ~torch.isnan(vals[:, 0])
-        sums = torch.where(ok.unsqueeze(-1), vals, 0.0).sum(0)
-        out["img_sums"] = to_fixed(sums, IMAGE_SCALE).to(dev)
+        # Rounded per image, so the state does not depend on how images are batched.
+        out["img_sums"] = to_fixed(torch.where(ok.unsqueeze(-1), vals, 0.0), IMAGE_SCALE).sum(0).to(dev)
         out["img_count"] = ok.sum().to(torch.int64)
     return out
 
