@@ -38,7 +38,7 @@ class Subset:
         self.indices = [normalize_index(i, len(dataset), type(self).__name__) for i in indices]
         names = getattr(dataset, "names", None)
         self.names = [names[i] for i in self.indices] if names is not None else None
-        for attr in ("class_names", "num_classes", "ignore_index", "split", "dataset_name"):
+        for attr in ("class_names", "num_classes", "ignore_index", "split"):
             if hasattr(dataset, attr):
                 setattr(self, attr, getattr(dataset, attr))
 
