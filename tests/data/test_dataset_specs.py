@@ -215,3 +215,37 @@ def test_data_root_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert data_root() == (tmp_path / ".." / "shared" / "data").resolve()
     with pytest.raises(FileNotFoundError, match=r"camvid.*SEGCAL_DATA is not set"):
         load_dataset("camvid", "test")
+
+
+def test_user_model_file_and_void99_folder_ece_matches_independent_numpy(user_data: Path, tmp_path: Path) -> None:
+    """The issue-13 path from the Python side: usermodel.py:build (5 classes) + a void-99 folder -> store -> ECE."""
+    from segcal.metrics import CalibrationMetrics
+    from segcal.models import load
+
+    f = tmp_path / "usermodel.py"
+    f.write_text("import torch\nfrom torch import nn\n\ndef build():\n    torch.manual_seed(3)\n"
+                 "    net = nn.Conv2d(3, 5, 1)\n    net.weight.data *= 0.02\n    return net\n")
+    model = load(f"{f}:build", preprocess="none", device="cpu")
+    ds = load_dataset(user_data, "test", ignore_index=99)
+    store = predict(model, ds, tmp_path / "store", progress=False)
+    metric = CalibrationMetrics(store.num_classes, n_bins=15, ignore_index=store.ignore_index)
+    for b in store.batches(batch_size=2):
+        metric.update(b["logits"], b["target"])
+    got = float(metric.compute()["ece"])
+    # independent: float64 numpy from the model's own logits on the images (store rounding to float16 aside)
+    conf, correct = [], []
+    for i in range(len(ds)):
+        s = ds[i]
+        logits = model.predict_logits(s["image"]).double().numpy()
+        p = np.exp(logits - logits.max(0))
+        p /= p.sum(0)
+        valid = s["target"] != 99
+        conf.append(p.max(0)[valid])
+        correct.append((p.argmax(0) == s["target"])[valid])
+    c, a = np.concatenate(conf), np.concatenate(correct)
+    bins = np.clip(np.ceil(c * 15).astype(int) - 1, 0, 14)
+    ref = sum(abs(a[bins == b].mean() - c[bins == b].mean()) * (bins == b).sum() for b in range(15)
+              if (bins == b).any()) / len(c)
+    assert ref > 0.05  # a non-trivial value
+    assert got == pytest.approx(ref, abs=2e-3)
+    assert len(c) == 4 * (6 * 8 - 2)  # void 99 pixels excluded, nothing else
