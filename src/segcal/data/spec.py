@@ -6,6 +6,7 @@ place, :func:`data_root`: ``$SEGCAL_DATA`` when set, else ``../shared/data`` rel
 
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -140,8 +141,10 @@ def load_dataset(spec: str | os.PathLike, split: str, *, ignore_index: int | Non
     text = _check_spec(spec)
     if not isinstance(split, str) or not split:
         raise TypeError(f"`split` must be a non-empty string, got {split!r}")
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
-        raise TypeError(f"`ignore_index` must be an int or None, got {ignore_index!r}")
+    if ignore_index is not None:
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+            raise TypeError(f"`ignore_index` must be an int or None, got {ignore_index!r}")
+        ignore_index = int(ignore_index)
     if text == "camvid":
         from .camvid import CamVid
 
