@@ -132,3 +132,21 @@ def test_plot_returns_fig_and_ax():
     _, ax2 = m.plot(values)
     assert len(ax2.get_lines()) >= 1
     matplotlib.pyplot.close("all")
+
+
+def test_detection_scalars_equal_detection_metrics_and_share_a_group():
+    from segcal.metrics import DetectionAUROC, DetectionAveragePrecision, DetectionFPR95
+
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(2, 6, 6, generator=g), torch.rand(2, 6, 6, generator=g) > 0.6) for _ in range(3)]
+    ref = DetectionMetrics()
+    coll = MetricCollection({"auroc": DetectionAUROC(), "ap": DetectionAveragePrecision(), "fpr95": DetectionFPR95()})
+    for s, p in batches:
+        ref.update(s + p.float(), p)
+        coll.update(s + p.float(), p)
+    assert len(coll.compute_groups) == 1
+    out, expected = coll.compute(), ref.compute()
+    for key in ("auroc", "ap", "fpr95"):
+        assert torch.equal(out[key], expected[key]), key
+    assert DetectionAUROC.higher_is_better and DetectionAveragePrecision.higher_is_better
+    assert DetectionFPR95.higher_is_better is False

@@ -3,7 +3,8 @@
 Public API: :class:`CalibrationMetrics` and :class:`DetectionMetrics` (dicts of values), the scalar torchmetrics
 metrics (:class:`ExpectedCalibrationError`, :class:`MaximumCalibrationError`, :class:`AdaptiveCalibrationError`,
 :class:`ClasswiseCalibrationError`, :class:`NegativeLogLikelihood`, :class:`BrierScore`,
-:class:`OverconfidenceError`), :class:`ReliabilityDisplay`, the paired bootstrap over images
+:class:`OverconfidenceError`; :class:`DetectionAUROC`, :class:`DetectionAveragePrecision`, :class:`DetectionFPR95`),
+:class:`ReliabilityDisplay`, the paired bootstrap over images
 (:class:`PerImageCalibrationStats`, :func:`paired_bootstrap`), :func:`boundary_mask` and the one-shot
 :mod:`segcal.metrics.functional`.
 """
@@ -21,6 +22,9 @@ from segcal.metrics.scalar import (
     AdaptiveCalibrationError,
     BrierScore,
     ClasswiseCalibrationError,
+    DetectionAUROC,
+    DetectionAveragePrecision,
+    DetectionFPR95,
     ExpectedCalibrationError,
     MaximumCalibrationError,
     NegativeLogLikelihood,
@@ -28,7 +32,8 @@ from segcal.metrics.scalar import (
 )
 
 __all__ = [
-    "AdaptiveCalibrationError", "BrierScore", "CalibrationMetrics", "ClasswiseCalibrationError", "DetectionMetrics",
+    "AdaptiveCalibrationError", "BrierScore", "CalibrationMetrics", "ClasswiseCalibrationError", "DetectionAUROC",
+    "DetectionAveragePrecision", "DetectionFPR95", "DetectionMetrics",
     "ExpectedCalibrationError", "MaximumCalibrationError", "NegativeLogLikelihood", "OverconfidenceError",
     "PerImageCalibrationStats", "ReliabilityDisplay", "bootstrap_indices", "boundary_mask", "functional",
     "paired_bootstrap",

@@ -35,10 +35,12 @@ import torch
 from torch import Tensor
 
 from segcal.metrics.calibration import CalibrationMetrics, _compute_calibration
+from segcal.metrics.detection import DetectionMetrics
 
 __all__ = [
-    "AdaptiveCalibrationError", "BrierScore", "ClasswiseCalibrationError", "ExpectedCalibrationError",
-    "MaximumCalibrationError", "NegativeLogLikelihood", "OverconfidenceError",
+    "AdaptiveCalibrationError", "BrierScore", "ClasswiseCalibrationError", "DetectionAUROC",
+    "DetectionAveragePrecision", "DetectionFPR95", "ExpectedCalibrationError", "MaximumCalibrationError",
+    "NegativeLogLikelihood", "OverconfidenceError",
 ]
 
 
@@ -176,3 +178,48 @@ class OverconfidenceError(_ScalarCalibrationMetric):
     """
 
     _key = "oe"
+
+
+class _ScalarDetectionMetric(DetectionMetrics):
+    """Shared body of the scalar detection metrics: ``DetectionMetrics.compute()[_key]`` (same states and steps).
+
+    In one ``MetricCollection`` with the same arguments they form one compute group, like the calibration scalars.
+    """
+
+    _key: ClassVar[str]
+    is_differentiable = False
+    full_state_update = False
+    plot_lower_bound: float | None = 0.0
+    plot_upper_bound: float | None = 1.0
+
+    def compute(self) -> Tensor:
+        """States -> the metric value (float64 scalar; NaN without both positive and negative pixels)."""
+        return super().compute()[self._key]
+
+    def plot(self, val: Tensor | Sequence[Tensor] | None = None, ax: Any = None) -> tuple[Any, Any]:
+        """Plot one value or a sequence of values as torchmetrics' ``Metric.plot``; returns ``(fig, ax)``."""
+        return self._plot(val, ax)
+
+
+class DetectionAUROC(_ScalarDetectionMetric):
+    """Pooled pixel AUROC of a score for the positive (error / OOD) pixels (``DetectionMetrics`` key ``auroc``).
+
+    Args: as :class:`~segcal.metrics.DetectionMetrics`.
+    """
+
+    _key = "auroc"
+    higher_is_better = True
+
+
+class DetectionAveragePrecision(_ScalarDetectionMetric):
+    """Pooled pixel average precision, positives as the positive class (key ``ap``)."""
+
+    _key = "ap"
+    higher_is_better = True
+
+
+class DetectionFPR95(_ScalarDetectionMetric):
+    """False-positive rate at the highest threshold whose TPR reaches 95 % (key ``fpr95``)."""
+
+    _key = "fpr95"
+    higher_is_better = False
