@@ -395,3 +395,44 @@ def test_selective_composes_any_calibrator_through_public_api(base) -> None:
     assert torch.equal(out.argmax(1), z.argmax(1)) and torch.isfinite(out).all()
     if base is not None:
         assert type(sel.base_) is type(base) and sel.base_ is not base and not base.is_fitted()
+
+
+class SpyTemperatureScaling(TemperatureScaling):
+    """Temperature scaling that records the logits it was fitted on."""
+
+    name = "spy-ts"
+
+    def _fit(self, source) -> None:
+        self.seen_ = [b.logits.clone() for b in source]
+        super()._fit(source)
+
+
+@pytest.mark.parametrize("base_data", ["held_out", "all"])
+def test_selective_fits_its_base_on_images_the_detector_never_trained_on(base_data: str) -> None:
+    from segcal.calibrators._base import BatchSource, subsample_pixels
+
+    z, y, _ = data(14, n=12)
+    kw = dict(epochs=3, max_pixels=3000, batch_size=512, seed=3)
+    sel = SelectiveScaling(base=SpyTemperatureScaling(), base_data=base_data, **kw).fit(z, y)
+    seen = torch.cat(sel.base_.seen_)
+    seen_idx = [i for i in range(len(z)) if any(torch.equal(z[i], s) for s in seen)]
+    assert seen_idx == sel.base_images_ and len(seen) == len(seen_idx)
+    # the image split the detector used (same seed, same draws): part 0 = its training images
+    parts: list[int] = []
+    subsample_pixels(BatchSource(z, y, ignore_index=255), 255, kw["max_pixels"],
+                     torch.Generator().manual_seed(kw["seed"]), parts=(0.65, 0.15, 0.2), image_parts=parts)
+    if base_data == "held_out":
+        assert seen_idx == [i for i, p in enumerate(parts) if p != 0] and 0 < len(seen_idx) < len(z)
+    else:
+        assert seen_idx == list(range(len(z)))
+    with pytest.raises(ValueError, match="base_data"):
+        SelectiveScaling(base=TemperatureScaling(), base_data="train").fit(z, y)
+
+
+def test_selective_base_survives_a_detector_that_flags_every_pixel() -> None:
+    z, y, _ = data(14, n=12)
+    sel = SelectiveScaling(base=TemperatureScaling(), threshold=1e-9, epochs=1, max_pixels=3000, seed=3).fit(z, y)
+    ref = TemperatureScaling().fit(z[sel.base_images_], y[sel.base_images_])  # all valid pixels of those images
+    assert 0 < len(sel.base_images_) < len(z)
+    assert sel.base_.temperature_ == pytest.approx(ref.temperature_, rel=1e-6)
+    torch.testing.assert_close(sel.transform(z), z / sel.temperature_mis_)  # every pixel is flagged

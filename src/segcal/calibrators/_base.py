@@ -154,13 +154,14 @@ def valid_pixels(source: Iterable[Batch], ignore_index: int | None, *, dtype: to
 
 
 def subsample_pixels(source: Iterable[Batch], ignore_index: int | None, max_pixels: int | None,
-                     generator: torch.Generator, *, parts: tuple[float, ...] | None = None
-                     ) -> tuple[Tensor, Tensor, Tensor]:
+                     generator: torch.Generator, *, parts: tuple[float, ...] | None = None,
+                     image_parts: list[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Seeded uniform sample (without replacement) of at most ``max_pixels`` valid pixels, in one pass.
 
     Every pixel — valid or not — gets a uniform random key from ``generator`` and the ``max_pixels`` largest keys among
     valid pixels are kept, so the sample depends on the seed and the batch shapes only, never on logit values.
-    With ``parts=(f0, f1, ...)`` each *image* is also assigned to part k with probability f_k (for image-level splits).
+    With ``parts=(f0, f1, ...)`` each *image* is also assigned to part k with probability f_k (for image-level splits);
+    the part of every image, in stream order, is appended to ``image_parts`` when a list is given.
 
     Returns:
         ``z (P, C)`` float32, ``y (P,)`` int64 and ``part (P,)`` int64 (zeros without ``parts``).
@@ -181,6 +182,8 @@ def subsample_pixels(source: Iterable[Batch], ignore_index: int | None, max_pixe
             if cum is not None:
                 u = torch.rand(1, generator=generator, dtype=torch.float64)
                 img_part[i] = torch.searchsorted(cum, u * cum[-1], right=True).clamp_max(len(cum) - 1)[0]
+        if image_parts is not None:
+            image_parts.extend(img_part.tolist())
         mask = keys > thr
         if ignore_index is not None:
             mask &= b.target != ignore_index

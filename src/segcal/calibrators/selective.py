@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from segcal.calibrators._base import (
-    Batch,
     BatchSource,
     Calibrator,
     clone,
@@ -62,7 +62,17 @@ class SelectiveScaling(Calibrator):
     cross-entropy on the target ``1[argmax z = y]``, mispredicted pixels weighted ×2 (the official code appends them
     twice), AdamW (lr 1e-3, weight decay 1e-6), ``epochs`` epochs, keeping the epoch with the lowest validation loss.
     ``base`` defaults to the identity (T = 1, the paper's method); any argmax-preserving calibrator can be composed
-    (the paper's ablation), fitted on the pixels the detector flags as correct (the others are set to ignore_index).
+    (the paper's ablation: ``base=TemperatureScaling()``, or e.g. ``IsotonicCalibration()``). It is composed through
+    the public API only — ``clone(base).fit(batches)`` — on the pixels the detector flags as correct (the others are
+    set to ``ignore_index``, which the clone inherits; with ``ignore_index=None`` the label C is used).
+
+    Base data. With ``base_data="held_out"`` (default) the base is fitted on the images the detector never trained
+    on (the validation and select parts below, the images T_mis is judged on too): on its own training images the
+    detector flags fewer true errors, so the kept pixels look more accurate than at test time and a base fitted there
+    comes out over-confident (a low T). ``base_data="all"`` fits it on every image (segcal ≤ 0.1 behaviour). When the
+    image split is impossible (few images, see below) or the held-out images have no unflagged valid pixel, every
+    image is used; if the detector flags every valid pixel, the base is fitted on all valid pixels of the held-out
+    images (there is no predicted-correct subset to learn from).
 
     Training data. The detector has no spatial context, so the "resolution" is a pixel sample: one streaming pass
     draws a seeded uniform sample of ``max_pixels`` valid pixels (ignore pixels never enter; the official code
@@ -77,7 +87,9 @@ class SelectiveScaling(Calibrator):
     The argmax never changes: T_mis > 0, and ``base`` must preserve the argmax (``ValueError`` otherwise).
 
     Args:
-        base: calibrator for predicted-correct pixels, or None (identity).
+        base: calibrator for predicted-correct pixels, or None (identity, the paper's form).
+        base_data: ``"held_out"`` (images the detector did not train on) or ``"all"``: the images ``base`` is fitted
+            on.
         mis_temperature: ``"fit"`` or a float T_mis.
         threshold: τ on the misprediction probability.
         epochs: detector epochs.
@@ -95,7 +107,8 @@ class SelectiveScaling(Calibrator):
 
     Attributes:
         detector_ (MispredictionDetector): trained detector (eval mode). temperature_mis_ (float): T_mis.
-        base_ (Calibrator | None): fitted copy of ``base``. best_epoch_ (int). history_ (dict): per-epoch losses.
+        base_ (Calibrator | None): fitted copy of ``base``. base_images_ (list[int]): stream positions of the images
+        ``base_`` was fitted on. best_epoch_ (int). history_ (dict): per-epoch losses.
 
     References:
         Wang, Gong, Wang, "On Calibrating Semantic Segmentation Models: Analyses and An Algorithm", CVPR 2023,
@@ -109,14 +122,16 @@ class SelectiveScaling(Calibrator):
     """
 
     name = "selective"
-    _learned = ("detector_state_", "temperature_mis_", "base_", "best_epoch_", "history_")
+    _learned = ("detector_state_", "temperature_mis_", "base_", "base_images_", "best_epoch_", "history_")
 
-    def __init__(self, base: Calibrator | None = None, *, mis_temperature: str | float = "fit",
-                 threshold: float = 0.5, epochs: int = 40, ignore_index: int | None = 255,
+    def __init__(self, base: Calibrator | None = None, *, base_data: str = "held_out",
+                 mis_temperature: str | float = "fit", threshold: float = 0.5, epochs: int = 40,
+                 ignore_index: int | None = 255,
                  max_pixels: int = 200_000, batch_size: int = 1024, lr: float = 1e-3, weight_decay: float = 1e-6,
                  val_fraction: float = 0.15, select_fraction: float = 0.2,
                  t_mis_bounds: tuple[float, float] = (0.05, 1e4), seed: int = 0) -> None:
         self.base = base
+        self.base_data = base_data
         self.mis_temperature = mis_temperature
         self.threshold = threshold
         self.epochs = epochs
@@ -138,6 +153,8 @@ class SelectiveScaling(Calibrator):
             if not self.base.preserves_argmax:
                 raise ValueError(f"`base`={type(self.base).__name__} can change the argmax; Selective Scaling "
                                  "promises an unchanged prediction — use an argmax-preserving base (TS, ETS, LTS, ...)")
+        if self.base_data not in ("held_out", "all"):
+            raise ValueError(f"`base_data` must be 'held_out' or 'all', got {self.base_data!r}")
         if not (isinstance(self.mis_temperature, (int, float)) and self.mis_temperature > 0) \
                 and self.mis_temperature != "fit":
             raise ValueError(f"`mis_temperature` must be 'fit' or a positive float, got {self.mis_temperature!r}")
@@ -159,8 +176,12 @@ class SelectiveScaling(Calibrator):
         self._check_params()
         gen = torch.Generator().manual_seed(self.seed)
         parts = (1 - self.val_fraction - self.select_fraction, self.val_fraction, self.select_fraction)
-        z, y, part = subsample_pixels(source, self.ignore_index, self.max_pixels, gen, parts=parts)
-        part = self._split(part, gen)
+        image_parts: list[int] = []
+        z, y, part = subsample_pixels(source, self.ignore_index, self.max_pixels, gen, parts=parts,
+                                      image_parts=image_parts)
+        split = self._split(part, gen)
+        by_image = split is part  # False: too few images, the pixels were split instead
+        part = split
         c = z.shape[1]
         correct = z.argmax(1) == y
         det = self._train_detector(z[part == 0], correct[part == 0], z[part == 1], correct[part == 1], c, gen)
@@ -180,20 +201,46 @@ class SelectiveScaling(Calibrator):
         else:
             self.temperature_mis_ = float(self.mis_temperature)
 
-        self.base_ = None
+        self.base_, self.base_images_ = None, []
         if self.base is not None:
-            base = clone(self.base)
-            base._all_reduce = self._all_reduce  # type: ignore[method-assign]
-            masked = BatchSource(lambda: self._mask_flagged(source), ignore_index=self.ignore_index)
-            base._fit(masked)
-            base.num_classes_ = c
-            self.base_ = base
+            label = self.ignore_index if self.ignore_index is not None else c  # marks the flagged pixels
+            keep = None
+            if self.base_data == "held_out" and by_image and any(p != 0 for p in image_parts):
+                keep = [p != 0 for p in image_parts]
+            base = clone(self.base).set_params(ignore_index=label)
+            tries = [(keep, True), (None, True), (keep, False)] if keep is not None else [(None, True), (None, False)]
+            for i, (keep, mask) in enumerate(tries):
+                try:
+                    self.base_ = base.fit(lambda k=keep, m=mask: self._unflagged(source, label, k, m))
+                    break
+                except ValueError as exc:
+                    if i == len(tries) - 1 or "no valid pixels" not in str(exc):
+                        raise
+            self.base_images_ = [i for i in range(len(image_parts)) if keep is None or keep[i]]
 
-    def _mask_flagged(self, source: BatchSource) -> Any:
+    def _unflagged(self, source: BatchSource, label: int, keep: list[bool] | None, mask: bool = True
+                   ) -> Iterator[dict[str, Any]]:
+        """Batches of ``source`` (only the images with ``keep[i]``, in stream order) with the pixels the detector
+        flags as mispredicted relabelled ``label`` (unless ``mask`` is False)."""
+        start = 0
         for b in source:
-            flagged = self.misprediction_proba_raw(b.logits) > self.threshold
-            target = b.target.masked_fill(flagged, self.ignore_index if self.ignore_index is not None else -1)
-            yield Batch(b.logits, target, b.images).__dict__
+            n = b.logits.shape[0]
+            logits, target, images = b.logits, b.target, b.images
+            if keep is not None:
+                if start + n > len(keep):
+                    raise ValueError("the fit data yielded more images on a second pass than on the first; "
+                                     "SelectiveScaling needs the same images in the same order on every pass")
+                rows = [i for i in range(n) if keep[start + i]]
+                start += n
+                if not rows:
+                    continue
+                if len(rows) < n:
+                    idx = torch.tensor(rows)
+                    logits, target = logits[idx], target[idx]
+                    images = None if images is None else images[idx]
+            if mask:
+                target = target.masked_fill(self.misprediction_proba_raw(logits) > self.threshold, label)
+            yield {"logits": logits, "target": target, "images": images}
 
     def _train_detector(self, z_tr: Tensor, c_tr: Tensor, z_va: Tensor, c_va: Tensor, c: int,
                         gen: torch.Generator) -> MispredictionDetector:

@@ -377,7 +377,7 @@ class FlowEneDet(Detector):
 
     # ---------------------------------------------------------------- helpers
     def _condition(self, features: Tensor | None, n: int, size: tuple[int, int], *, fitting: bool) -> Tensor | None:
-        if self.variant == "u":
+        if not self.needs_features:
             return None
         if features is None:
             raise ValueError("FlowEneDet(variant='c') needs `features` (N, F, h, w): the decoder features that feed "
@@ -508,8 +508,8 @@ class FlowEneDet(Detector):
 
     def _build(self, num_classes: int, features: Tensor | None) -> torch.optim.Optimizer:
         self.num_classes_ = num_classes
-        self.feature_channels_ = 0 if self.variant == "u" else int(features.shape[1])
-        self.cond_channels_ = 0 if self.variant == "u" else min(self.cond_channels, self.feature_channels_)
+        self.feature_channels_ = int(features.shape[1]) if self.needs_features else 0
+        self.cond_channels_ = min(self.cond_channels, self.feature_channels_) if self.needs_features else 0
         self.net_ = EnergyFlow(n_blocks=self.n_blocks, cond_channels=self.cond_channels_,
                                hidden=self.hidden_channels, dropout=self.dropout, seed=self.seed,
                                downsample=self.downsample).train()
