@@ -1,4 +1,4 @@
-"""Suite-wide settings: hypothesis profile and the `realdata` gate."""
+"""Suite-wide settings: hypothesis profile, the `realdata` gate and the `device` fixture."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -30,3 +31,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "realdata" in item.keywords and not (have_camvid and have_weights):
             item.add_marker(skip)
+
+
+def _device_params() -> list[object]:
+    cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+    return ["cpu", pytest.param("cuda", marks=cuda)]
+
+
+@pytest.fixture(params=_device_params())
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """Each device the suite can exercise: ``cpu`` always, ``cuda`` when available (skipped otherwise)."""
+    return torch.device(request.param)

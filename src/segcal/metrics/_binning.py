@@ -118,6 +118,12 @@ def ace_fine_edges(resolution: int, device: torch.device | str | None = None) ->
     return edges
 
 
+def refuse_meta(x: object, name: str) -> None:
+    """Metrics need values: a tensor on the ``meta`` device (shape only) is refused with a one-line error."""
+    if isinstance(x, Tensor) and x.is_meta:
+        raise ValueError(f"`{name}` is on the meta device (a shape without values); metrics need real tensors")
+
+
 def check_n_bins(n_bins: object, name: str = "n_bins") -> int:
     if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
         raise ValueError(f"`{name}` must be a positive int, got {n_bins!r}")

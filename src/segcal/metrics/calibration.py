@@ -26,6 +26,7 @@ from segcal.metrics._binning import (
     from_fixed2,
     merge_slots,
     nan,
+    refuse_meta,
     slot_index,
     to_fixed,
     to_fixed2,
@@ -101,6 +102,8 @@ def _zero_states(cfg: _CalibrationConfig, device: torch.device | None = None) ->
 
 def _format_calibration(preds: object, target: object, cfg: _CalibrationConfig) -> tuple[Tensor, Tensor]:
     """Validate a batch: (N, C, H, W) logits/probabilities and (N, H, W) labels."""
+    refuse_meta(preds, "preds")
+    refuse_meta(target, "target")
     if cfg.input == "logits":
         preds, target = check_logits_target(preds, target, cfg.ignore_index, cfg.num_classes)
         return preds, target

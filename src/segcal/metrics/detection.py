@@ -14,7 +14,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from segcal._checks import check_tensor
-from segcal.metrics._binning import IMAGE_SCALE, check_fixed, from_fixed, to_fixed
+from segcal.metrics._binning import IMAGE_SCALE, check_fixed, from_fixed, refuse_meta, to_fixed
 
 _MIN_BITS = 9  # sign + 8 exponent bits: one bin per octave of each sign
 _MAX_BITS = 24
@@ -23,6 +23,7 @@ _MAX_BITS = 24
 def _format_detection(scores: object, positive: object, valid: object | None) -> tuple[Tensor, Tensor, Tensor]:
     scores = check_tensor(scores, "scores")
     positive = check_tensor(positive, "positive")
+    refuse_meta(scores, "scores")
     if scores.ndim != 3:
         raise ValueError(f"`scores` must have shape (N, H, W), got {tuple(scores.shape)}")
     if not scores.is_floating_point():
