@@ -308,8 +308,8 @@ def _temperature_stats(z: Tensor, y: Tensor, valid: Tensor | None, beta: float, 
         var = torch.where(valid, var, 0.0) if var is not None else None
         count = valid.sum()
     else:
-        count = torch.tensor(y.numel())
-    h = var.double().sum() if var is not None else torch.zeros((), dtype=torch.float64)
+        count = torch.tensor(y.numel(), device=f.device)
+    h = var.double().sum() if var is not None else torch.zeros((), dtype=torch.float64, device=f.device)
     return torch.stack([f.double().sum(), g.double().sum(), h, count.double()])
 
 
@@ -319,7 +319,7 @@ def temperature_objective(columns: Callable[[], Iterable[tuple[Tensor, Tensor, T
     def stats(beta: float) -> Tensor:
         out = torch.zeros(4, dtype=torch.float64)
         for z, y, valid in columns():
-            out += _temperature_stats(z, y, valid, beta, curvature)
+            out += _temperature_stats(z, y, valid, beta, curvature).cpu()
         return out
     return stats
 

@@ -77,22 +77,22 @@ def accumulate(cal: Calibrator, source: BatchSource, mode: str) -> tuple[np.ndar
         c = z.shape[0]
         k = 1 if mode == "top-label" else c
         if counts is None:
-            counts = torch.zeros(k * FINE_BINS, dtype=torch.float64)
-            pos = torch.zeros(k * FINE_BINS, dtype=torch.float64)
+            counts = torch.zeros(k * FINE_BINS, dtype=torch.float64, device=z.device)
+            pos = torch.zeros(k * FINE_BINS, dtype=torch.float64, device=z.device)
         u = prob_logit(z, 0)
         if mode == "top-label":
             top = top2(z, 0)[1]
             idx = fine_index(u.gather(0, top).squeeze(0))
             hit = (top.squeeze(0) == y).double()
         else:
-            idx = (fine_index(u) + torch.arange(c)[:, None] * FINE_BINS).reshape(-1)
-            hit = (torch.arange(c)[:, None] == y[None]).double().reshape(-1)
+            idx = (fine_index(u) + torch.arange(c, device=z.device)[:, None] * FINE_BINS).reshape(-1)
+            hit = (torch.arange(c, device=z.device)[:, None] == y[None]).double().reshape(-1)
         counts.index_add_(0, idx, torch.ones_like(hit))
         pos.index_add_(0, idx, hit)  # type: ignore[union-attr]
     if counts is None:
         raise ValueError("the fit data has no valid pixels (every label is ignore_index)")
     stats = cal._all_reduce(torch.stack([counts, pos]))  # type: ignore[list-item]
-    return stats[0].view(-1, FINE_BINS).numpy(), stats[1].view(-1, FINE_BINS).numpy()
+    return stats[0].view(-1, FINE_BINS).cpu().numpy(), stats[1].view(-1, FINE_BINS).cpu().numpy()
 
 
 def apply_table(z: Tensor, table: Tensor, mode: str) -> Tensor:

@@ -15,7 +15,7 @@ _FLOOR = 1e-3
 
 def _mix(a: Tensor) -> Tensor:
     """Simplex weights with w1 + w2 ≥ 1e-3, so a fit that wants pure uniform output still keeps the argmax."""
-    floor = torch.tensor([0.5, 0.5, 0.0], dtype=a.dtype) * _FLOOR
+    floor = torch.tensor([0.5, 0.5, 0.0], dtype=a.dtype, device=a.device) * _FLOOR
     return torch.softmax(a, 0) * (1 - _FLOOR) + floor
 
 
