@@ -22,6 +22,9 @@ from segcal.metrics import (
     BrierScore,
     CalibrationMetrics,
     ClasswiseCalibrationError,
+    DetectionAUROC,
+    DetectionAveragePrecision,
+    DetectionFPR95,
     DetectionMetrics,
     ExpectedCalibrationError,
     MaximumCalibrationError,
@@ -102,6 +105,16 @@ def test_detection_metrics(device, kwargs):
         assert torch.equal(m.hist_pos.cpu(), ref.hist_pos) and torch.equal(m.hist_neg.cpu(), ref.hist_neg)
     curves = m.curves()
     assert curves["fpr"].device.type == device.type
+
+
+@pytest.mark.parametrize("cls", [DetectionAUROC, DetectionAveragePrecision, DetectionFPR95], ids=lambda c: c.__name__)
+def test_scalar_detection_metrics(device, cls):
+    z, y, _, _ = _data(6)
+    scores, positive = 1.0 - torch.softmax(z, 1).amax(1), z.argmax(1) != y
+    ref, m = cls(), cls().to(device)
+    ref.update(scores, positive)
+    m.update(scores.to(device), positive.to(device))
+    _close(m.compute(), ref.compute(), device, tol=1e-6)
 
 
 def test_detection_steps_run_on_the_meta_device():
