@@ -50,6 +50,7 @@ DETECTION_COLUMNS = ("auroc", "ap", "fpr95", "auroc_per_image", "ap_per_image", 
 LOWER_IS_BETTER = {k for k, (_, d, _) in METRICS.items() if d in ("zero", "min")}
 HIGHER_IS_BETTER = {k for k, (_, d, _) in METRICS.items() if d == "max"}
 BASELINE = "uncalibrated"
+_PANEL_WIDTH = 205  # six engine panels (image, truth, prediction, confidence, errors, one score) fit one 1320 px row
 
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1320px;color:#222;
@@ -72,8 +73,8 @@ dl.glossary{display:grid;grid-template-columns:max-content 1fr;gap:2px 14px;font
 dl.glossary dt{font-weight:bold} dl.glossary dd{margin:0}
 .legend{display:flex;flex-wrap:wrap;gap:4px 14px;font-size:12px;margin:4px 0 10px}
 .legend span.sw{display:inline-block;width:14px;height:14px;border:1px solid #888;vertical-align:-3px;margin-right:4px}
-.cbar{width:230px;font-size:11px;color:#444} .cbar .bar{height:10px;border:1px solid #888}
-.cbar .ends{display:flex;justify-content:space-between}
+.cbar{width:205px;font-size:11px;color:#444} .cbar .bar{height:10px;border:1px solid #888}
+.cbar .ends{display:flex;justify-content:space-between} .cbar .cap{text-align:center;color:#666}
 """
 
 
@@ -231,7 +232,8 @@ def bootstrap_statement(method: str, entry: Mapping[str, Any], baseline: str = B
 
 def _bootstrap_column(entries: Mapping[str, list[dict[str, Any]]]) -> dict[str, dict[str, str]]:
     col: dict[str, str] = {}
-    header = "Δ vs uncalibrated [95 %]"
+    levels = {_num(e.get("level")) or 0.95 for items in entries.values() for e in items}
+    header = "Δ vs uncalibrated [" + ", ".join(f"{100 * v:g} %" for v in sorted(levels)) + "]"
     for method, items in entries.items():
         cells = []
         for e in items:
@@ -501,8 +503,9 @@ def _colorbar(spec: Mapping[str, Any]) -> str:
     stops = ", ".join("rgb({}, {}, {})".format(*(int(255 * v) for v in cmap(x)[:3])) for x in np.linspace(0, 1, 11))
     lo, hi = spec.get("vmin", "low"), spec.get("vmax", "high")
     label = spec.get("label", "")
+    caption = f'<div class="cap">{_esc(label)}</div>' if label else ""
     return (f'<div class="cbar"><div class="bar" style="background:linear-gradient(to right, {stops})"></div>'
-            f'<div class="ends"><span>{_esc(lo)}</span><span>{_esc(label)}</span><span>{_esc(hi)}</span></div></div>')
+            f'<div class="ends"><span>{_esc(lo)}</span><span>{_esc(hi)}</span></div>{caption}</div>')
 
 
 def _examples_section(results: Mapping[str, Any], root: Path) -> list[str]:
@@ -528,7 +531,7 @@ def _examples_section(results: Mapping[str, Any], root: Path) -> list[str]:
                 parts.append(_note(f"panel “{_esc(title)}” missing: {_esc(spec.get('path'))}", "warn"))
                 continue
             extra = _colorbar(spec) if spec["kind"] == "scalar" else ""
-            fig = _figure(_file_to_data_uri(path), str(title), 230)
+            fig = _figure(_file_to_data_uri(path), str(title), _PANEL_WIDTH)
             parts.append(fig.replace("</figure>", extra + "</figure>") if extra else fig)
         parts.append("</div>")
     return parts
