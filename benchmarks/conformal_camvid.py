@@ -39,7 +39,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from segcal.conformal import (
@@ -167,6 +166,8 @@ def analyse(val: dict[str, Any], test: dict[str, Any], alphas: tuple[float, ...]
     for s in range(n_splits):
         cal[s, torch.randperm(n, generator=gen)[:n_cal]] = True
     held = (~cal & counted[None]).double()
+    pooled_seq = [sequence_of(x) for x in (*val["names"], *test["names"])]
+    seq_masks = {q: torch.tensor([p == q for p in pooled_seq]) for q in sorted(set(pooled_seq))}
     for a in (*alphas, *SWEEP):
         lam = resplit_thresholds(losses, grid, a, cal, counted=counted)
         j = torch.searchsorted(grid, lam)
@@ -177,7 +178,12 @@ def analyse(val: dict[str, Any], test: dict[str, Any], alphas: tuple[float, ...]
                                        "q05": float(risk.quantile(0.05)), "q95": float(risk.quantile(0.95)),
                                        "share_le_alpha": float((risk <= a).double().mean()),
                                        "mean_set_size": float(size.mean()), "mean_threshold": float(lam.mean()),
-                                       "risks": risk.tolist()}
+                                       "per_sequence": {}, "risks": risk.tolist()}
+            for q, m in seq_masks.items():  # marginal, not conditional: the held-out risk of one sequence's images
+                h = held * m[None].double()
+                keep = h.sum(1) > 0
+                out["resplits"][str(a)]["per_sequence"][q] = float(((losses.T[j] * h).sum(1)[keep]
+                                                                      / h.sum(1)[keep]).mean())
         if a in SWEEP:
             out["sweep"][str(a)]["resplit_mean"] = float(risk.mean())
     return out
@@ -204,6 +210,14 @@ def tables(results: dict[str, Any], alphas: tuple[float, ...]) -> str:
                              f"[{t['ci'][0]:.3f}, {t['ci'][1]:.3f}] (n={t['n']}) | {seq_cells} | {t['set_size']:.2f} | "
                              f"{r['mean_risk']:.3f} ± {r['se']:.3f} | {r['q05']:.3f}–{r['q95']:.3f} | "
                              f"{r['share_le_alpha']:.2f} | {r['mean_set_size']:.2f} |")
+        seqs_all = list(next(iter(per.values()))["resplits"][str(alphas[0])]["per_sequence"])
+        lines += ["", f"Random re-splits of val ∪ test, mean held-out risk per sequence ({model}):", "",
+                  "| controller | α | " + " | ".join(seqs_all) + " | all |", "|---|---|" + "---|" * (len(seqs_all) + 1)]
+        for cname, res in per.items():
+            for a in alphas:
+                r = res["resplits"][str(a)]
+                lines.append(f"| {cname} | {a} | " + " | ".join(f"{r['per_sequence'][q]:.3f}" for q in seqs_all)
+                             + f" | {r['mean_risk']:.3f} |")
     return "\n".join(lines)
 
 
@@ -220,10 +234,11 @@ def plot(results: dict[str, Any], img: Path, examples: dict[str, Any]) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.2), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         sw = results["models"][model][cname]["sweep"]
-        a = [float(k) for k in sw]
+        keys = sorted(sw, key=float)
+        a = [float(k) for k in keys]
         for g, style in (("test", "-o"), ("0001TP", "--"), ("Seq05VD", "--"), ("resplit_mean", "-s")):
             label = {"test": "val → test", "resplit_mean": "random re-splits (mean)"}.get(g, f"val → {g}")
-            ax.plot(a, [sw[k][g] for k in sw], style, ms=3, label=label)
+            ax.plot(a, [sw[k][g] for k in keys], style, ms=3, label=label)
         ax.plot([0, 0.3], [0, 0.3], "k:", label="risk = α (guarantee)")
         ax.set_xlabel("α (target share of images with > 10 % pixels uncovered)")
         ax.set_ylabel("observed share on held-out images")
@@ -250,9 +265,10 @@ def plot(results: dict[str, Any], img: Path, examples: dict[str, Any]) -> None:
         fig, axes = plt.subplots(2, len(examples), figsize=(4.2 * len(examples), 6.0), squeeze=False)
         for k, (name, ex) in enumerate(examples.items()):
             axes[0, k].imshow(ex["image"])
-            axes[0, k].set_title(f"{name} ({ex['model']})", fontsize=9)
-            im = axes[1, k].imshow(np.ma.masked_array(ex["set_size"], ~ex["valid"]), cmap="viridis", vmin=0,
-                                   vmax=max(3, int(ex["set_size"].max())))
+            axes[0, k].set_title(name.replace(":", ": "), fontsize=9)
+            vmax = max(3, int(ex["set_size"].max()))
+            im = axes[1, k].imshow(ex["set_size"], cmap=plt.get_cmap("viridis", vmax + 1), vmin=-0.5,
+                                   vmax=vmax + 0.5, interpolation="nearest")
             axes[1, k].set_title(f"set size, α=0.1 (λ̂={ex['threshold']:.3f}); "
                                  f"miss {100 * ex['miss']:.1f} % of pixels", fontsize=8)
             for ax in axes[:, k]:
@@ -286,9 +302,13 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--aps", action="store_true", help="also the coverage loss with APS sets (slower pass)")
     ap.add_argument("--no-evaluate", action="store_true", help="skip the end-to-end evaluate() run")
+    ap.add_argument("--evaluate-only", action="store_true", help="only the end-to-end evaluate() run")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.evaluate_only:
+        run_evaluate(args.cache, args.cache / "conformal")
+        return
     results: dict[str, Any] = {"alphas": list(ALPHAS), "epsilon": EPSILON, "n_splits": args.splits,
                                "command": " ".join(["python", *sys.argv]), "models": {}}
     examples: dict[str, Any] = {}
@@ -311,22 +331,33 @@ def main() -> None:
     plot(results, args.img, examples)
     log(f"figures in {args.img}")
     if not args.no_evaluate:
-        from segcal.report.conformal import section
+        run_evaluate(args.cache, out)
 
+
+def run_evaluate(cache: Path, out: Path) -> None:
+    """:func:`segcal.conformal.evaluate` end to end (refined fit on val, test with per-sequence subsets), cached."""
+    from segcal.report.conformal import section
+
+    path = out / "evaluate.json"
+    if path.exists():
+        res = json.loads(path.read_text())
+        log(f"evaluate(): cached {path}")
+    else:
         model = MODELS[0]
-        val_store, test_store = get_store(model, "val", args.cache), get_store(model, "test", args.cache)
+        val_store, test_store = get_store(model, "val", cache), get_store(model, "test", cache)
         seqs: dict[str, list[str]] = {}
         for n in test_store.names:
             seqs.setdefault(sequence_of(n), []).append(n)
         t = time.time()
         res = evaluate(CoverageRiskControl(alpha=0.1, epsilon=EPSILON, ignore_index=val_store.ignore_index),
                        val_store, {"test": test_store}, subsets=seqs)
-        log(f"evaluate() end to end (refined fit on val + one test pass): {time.time() - t:.0f}s, "
-            f"λ̂ = {res['threshold']:.5f}, test risk {res['splits']['test']['risk']:.3f}")
-        (out / "evaluate.json").write_text(json.dumps(res))
-        (out / "section.html").write_text(f"<!doctype html><meta charset=utf-8><body>{section({'conformal': res})}"
-                                          "</body>")
-
+        res["model"] = model
+        log(f"evaluate() end to end (refined fit on val + one test pass): {time.time() - t:.0f}s")
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res))
+    log(f"  λ̂ = {res['threshold']:.5f}, bound {res['risk_bound']:.4f}, test risk {res['splits']['test']['risk']:.3f}")
+    (out / "section.html").write_text(f"<!doctype html><meta charset=utf-8><body>{section({'conformal': res})}"
+                                      "</body>")
 
 if __name__ == "__main__":
     main()
