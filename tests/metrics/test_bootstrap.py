@@ -98,3 +98,13 @@ def test_bad_arguments():
         paired_bootstrap(a, {"ece": 1})
     with pytest.warns(UserWarning, match="before the ``update``"):
         assert math.isnan(float(PerImageCalibrationStats(C).pooled()["ece"]))
+
+
+def test_on_device(device):
+    logits, target = _data()
+    a = PerImageCalibrationStats(C, n_bins=10).to(device)
+    b = PerImageCalibrationStats(C, n_bins=10).to(device)
+    a.update(logits.to(device) / 2, target.to(device))
+    b.update(logits.to(device), target.to(device))
+    cpu_a, cpu_b = _collect(logits / 2, target), _collect(logits, target)
+    assert paired_bootstrap(a, b, n_resamples=20) == paired_bootstrap(cpu_a, cpu_b, n_resamples=20)

@@ -72,3 +72,12 @@ def test_one_class_and_deprecated_alias():
     with pytest.warns(DeprecationWarning, match="ReliabilityDisplay"):
         alias = segcal.metrics.ReliabilityDiagram
     assert alias is ReliabilityDisplay
+
+
+def test_from_metric_on_device(device):
+    g = torch.Generator().manual_seed(2)
+    logits, target = torch.randn(2, 3, 8, 8, generator=g), torch.randint(0, 3, (2, 8, 8), generator=g)
+    m = ExpectedCalibrationError(3).to(device)
+    m.update(logits.to(device), target.to(device))
+    d = ReliabilityDisplay.from_metric(m)
+    assert d.ece == pytest.approx(float(m.compute()), abs=1e-12)

@@ -150,3 +150,16 @@ def test_detection_scalars_equal_detection_metrics_and_share_a_group():
         assert torch.equal(out[key], expected[key]), key
     assert DetectionAUROC.higher_is_better and DetectionAveragePrecision.higher_is_better
     assert DetectionFPR95.higher_is_better is False
+
+
+def test_collection_on_device_equals_cpu(device):
+    kw = dict(num_classes=4, n_bins=12)
+    coll = MetricCollection({k: cls(**kw) for k, cls in SCALARS.items()}).to(device)
+    ref = CalibrationMetrics(**kw)
+    for logits, target in _batches():
+        coll.update(logits.to(device), target.to(device))
+        ref.update(logits, target)
+    out, expected = coll.compute(), ref.compute()
+    for key in SCALARS:
+        assert out[key].device.type == torch.device(device).type
+        assert float(out[key]) == pytest.approx(float(expected[key]), abs=1e-9), key

@@ -120,7 +120,8 @@ class PerImageCalibrationStats(Metric):
 
 
 def _values(per_image: dict[str, Tensor], cfg: Any, weights: Tensor | None) -> dict[str, Tensor]:
-    states = _zero_states(cfg)
+    device = next(iter(per_image.values())).device
+    states = _zero_states(cfg, device)
     for name, rows in per_image.items():
         if weights is None:
             states[name] = rows.sum(0)
