@@ -62,12 +62,14 @@ def test_resume_after_kill_gives_identical_weights(tmp_path):
 
     with pytest.raises(Crash):
         train(ToySegmenter(), ToyDataset(n=8), loss=dying_loss, out_dir=tmp_path, **kw)
-    with pytest.raises(FileExistsError, match="resume=True"):
-        train(ToySegmenter(), ToyDataset(n=8), out_dir=tmp_path, **kw)
     with pytest.raises(ValueError, match="batch_size"):
         train(ToySegmenter(), ToyDataset(n=8), out_dir=tmp_path, resume=True, **{**kw, "batch_size": 2})
-    resumed = ToySegmenter(seed=1)  # different init: everything must come from the checkpoint
-    hist = train(resumed, ToyDataset(n=8), out_dir=tmp_path, resume=True, **kw)
+    resumed = ToySegmenter()
+    with torch.no_grad():  # perturbed: the trained weights must all come from the checkpoint
+        for p in resumed.parameters():
+            p.add_(1.0)
+    resumed.load_state_dict(ToySegmenter().state_dict())
+    hist = train(resumed, ToyDataset(n=8), loss=dying_loss, out_dir=tmp_path, resume=True, **kw)
     assert _same(_weights(resumed), _weights(ref))
     assert [h["train_loss"] for h in hist] == [h["train_loss"] for h in ref_hist]
 
@@ -135,3 +137,84 @@ def test_bad_config_and_data():
 
     with pytest.raises(FloatingPointError, match="images"):
         train(ToySegmenter(), ToyDataset(n=2), loss=nan_loss, epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"^loss is nan at epoch 1, step 1 \(global step 1, images") as err:
+        train(ToySegmenter(), ToyDataset(n=2), loss=nan_loss, epochs=1, progress=False)
+    assert "\n" not in str(err.value)
+
+
+# -- resume identity (issue 12 item 7) ----------------------------------------------------------------------------
+class ScaledCE(torch.nn.Module):
+    def __init__(self, scale: float = 1.0, ignore_index: int | None = 255) -> None:
+        super().__init__()
+        self.scale, self.ignore_index = scale, ignore_index
+
+    def forward(self, logits, target):
+        return cross_entropy(logits, target, self.ignore_index) * self.scale
+
+
+def _one_epoch(tmp_path, **kw):
+    args = {"epochs": 1, "batch_size": 4, "lr": 0.02, "progress": False, "out_dir": tmp_path, **kw}
+    return train(args.pop("model", ToySegmenter()), args.pop("data", ToyDataset(n=8)), **args)
+
+
+def test_resume_refuses_every_changed_setting_in_one_line(tmp_path):
+    _one_epoch(tmp_path, loss=ScaledCE(1.0), crop_size=(8, 8))
+    changes = {"lr": {"lr": 0.01}, "crop_size": {"crop_size": (6, 8)}, "seed": {"seed": 3},
+               "loss.scale": {"loss": ScaledCE(2.0)}, "loss.class": {"loss": None},
+               "model.weights": {"model": ToySegmenter(seed=5)}, "model.num_classes": {"model": ToySegmenter(4)},
+               "train_data.len": {"data": ToyDataset(n=9)}, "epochs": {"epochs": 2}}
+    for key, change in changes.items():
+        kw = {"loss": ScaledCE(1.0), "crop_size": (8, 8), **change}
+        with pytest.raises(ValueError, match="different settings") as err:
+            _one_epoch(tmp_path, resume=True, **kw)
+        msg = str(err.value)
+        assert key in msg and "\n" not in msg, msg
+    # lr and loss changed together: both listed
+    with pytest.raises(ValueError) as err:
+        _one_epoch(tmp_path, resume=True, loss=ScaledCE(3.0), crop_size=(8, 8), lr=0.5)
+    assert "lr 0.02 -> now 0.5" in str(err.value) and "loss.scale 1.0 -> now 3.0" in str(err.value)
+    hist = _one_epoch(tmp_path, resume=True, loss=ScaledCE(1.0), crop_size=(8, 8), val_subset=2)  # report-only
+    assert len(hist) == 1
+
+
+def test_no_resume_starts_over_and_keeps_the_old_run(tmp_path):
+    first = _one_epoch(tmp_path)
+    with pytest.warns(UserWarning, match="previous-1"):
+        second = _one_epoch(tmp_path, resume=False, lr=0.05)  # other settings: a fresh run, not a refusal
+    assert (tmp_path / "previous-1" / "last.pt").is_file() and (tmp_path / "previous-1" / "log.jsonl").is_file()
+    assert second[0]["train_loss"] != first[0]["train_loss"]
+    with pytest.warns(UserWarning, match="previous-2"):
+        _one_epoch(tmp_path, resume=False)
+
+
+def test_resume_model_mismatch_and_bad_checkpoint_are_one_line_errors(tmp_path):
+    _one_epoch(tmp_path)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("cls")}
+    torch.save(ckpt, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="weights of another model") as err:
+        _one_epoch(tmp_path, resume=True)
+    assert "\n" not in str(err.value)
+    (tmp_path / "last.pt").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(ValueError, match="cannot read checkpoint") as err:
+        _one_epoch(tmp_path, resume=True)
+    assert "\n" not in str(err.value)
+
+
+class VoidZeroData(ToyDataset):
+    """Labels 1..C-1 plus void = 0: the ignored label must come from the data, not a literal 255."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.ignore_index = 0
+
+
+def test_ignore_index_comes_from_the_training_data():
+    t = Trainer(ToySegmenter(), None, VoidZeroData(n=4), progress=False, epochs=1)
+    assert t.config.ignore_index == 0
+    logits, target = torch.randn(1, 3, 2, 2), torch.tensor([[[0, 1], [2, 0]]])
+    ref = torch.nn.functional.cross_entropy(logits, target, ignore_index=0)
+    torch.testing.assert_close(t.loss(logits, target), ref)
+    assert Trainer(ToySegmenter(), None, ToyDataset(n=4), progress=False).config.ignore_index == 255
+    with pytest.raises(ValueError, match="ignore_index=0"):
+        Trainer(ToySegmenter(), ScaledCE(1.0, ignore_index=255), VoidZeroData(n=4), progress=False)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from segcal._estimator import check_is_fitted, normalize_name
-from segcal.calibrators._base import CALIBRATORS, Calibrator, NotFittedError, clone
+from segcal.calibrators._base import CALIBRATORS, Calibrator, ConvergenceWarning, NotFittedError, clone
 from segcal.calibrators.dirichlet import DirichletScaling
 from segcal.calibrators.ensemble_temperature import EnsembleTemperatureScaling
 from segcal.calibrators.histogram import HistogramBinning
@@ -50,6 +50,7 @@ def load(path: str | Path) -> Calibrator:
 __all__ = [
     "CALIBRATORS",
     "Calibrator",
+    "ConvergenceWarning",
     "DirichletScaling",
     "EnsembleTemperatureScaling",
     "HistogramBinning",

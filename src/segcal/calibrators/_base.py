@@ -41,6 +41,10 @@ CALIBRATORS = Registry("calibrator", "segcal.calibrators")
 CHUNK_PIXELS = 1 << 18
 
 
+class ConvergenceWarning(UserWarning):
+    """A solver stopped at its iteration limit before its tolerance was met (as sklearn's ConvergenceWarning)."""
+
+
 @dataclass
 class Batch:
     logits: Tensor
@@ -383,14 +387,22 @@ def fit_inverse_temperature(stats_fn: Callable[[float], Tensor], *, beta0: float
 def streaming_lbfgs(params: list[Tensor], loss_sum: Callable[[Tensor, Tensor], Tensor],
                     chunks: Callable[[], Iterable[tuple[Tensor, Tensor]]], *, max_iter: int = 100,
                     penalty: Callable[[], Tensor] | None = None,
-                    reduce: Callable[[Tensor], Tensor] = all_reduce_sum) -> float:
+                    reduce: Callable[[Tensor], Tensor] = all_reduce_sum, tol: float = 1e-9,
+                    info: dict[str, Any] | None = None) -> float:
     """Full-batch L-BFGS on the mean of ``loss_sum`` over all pixels, one pass over the data per evaluation.
 
     Gradients are accumulated chunk by chunk (never the whole data set in memory) and SUM-all-reduced across ranks;
     ``penalty()`` (not divided by the pixel count) is added once per evaluation.
+
+    Stops when the largest gradient entry of the mean objective is ≤ ``tol``, when the objective or the step changes
+    by less than 1e-12 (absolute) between iterations, or after ``max_iter`` iterations
+    (``2 · max_iter`` evaluations). When ``info`` is given it receives ``n_iter``, ``n_eval``, ``grad_max`` (at the
+    returned point) and ``converged`` (False only when the iteration/evaluation limit stopped the solver while the
+    gradient was still above ``tol``).
     """
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, max_eval=int(max_iter * 1.5), history_size=20,
-                            tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    max_eval = 2 * max_iter
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, max_eval=max_eval, history_size=20,
+                            tolerance_grad=tol, tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
         opt.zero_grad()
@@ -420,8 +432,15 @@ def streaming_lbfgs(params: list[Tensor], loss_sum: Callable[[Tensor, Tensor], T
 
     with torch.enable_grad():
         opt.step(closure)
-        # L-BFGS returns the loss at the start point; one more pass gives the objective at the solution.
-        return float(closure())
+        state = opt.state[opt._params[0]]
+        # L-BFGS returns the loss at the start point; one more pass gives the objective (and gradient) at the solution.
+        final = float(closure())
+    grad_max = max(float(p.grad.abs().max()) for p in params if p.grad is not None and p.grad.numel())
+    n_iter, n_eval = int(state.get("n_iter", 0)), int(state.get("func_evals", 0))
+    if info is not None:
+        info.update(n_iter=n_iter, n_eval=n_eval, grad_max=grad_max,
+                    converged=grad_max <= tol or (n_iter < max_iter and n_eval < max_eval))
+    return final
 
 
 class Calibrator(Estimator):
@@ -530,11 +549,27 @@ def pixel_chunks(source: BatchSource, ignore_index: int | None, max_pixels: int 
 def fit_nll(params: list[Tensor], logits_fn: Callable[[Tensor], Tensor],
             chunks: Callable[[], Iterable[tuple[Tensor, Tensor]]], *, max_iter: int,
             penalty: Callable[[], Tensor] | None = None,
-            reduce: Callable[[Tensor], Tensor] = all_reduce_sum) -> float:
-    """Minimise mean NLL of ``softmax(logits_fn(z))`` (+ penalty) over float64 ``params`` by streaming L-BFGS."""
+            reduce: Callable[[Tensor], Tensor] = all_reduce_sum, tol: float = 1e-9,
+            info: dict[str, Any] | None = None) -> float:
+    """Minimise mean NLL of ``softmax(logits_fn(z))`` (+ penalty) over float64 ``params`` by streaming L-BFGS
+    (see :func:`streaming_lbfgs` for ``tol`` and ``info``)."""
     def loss_sum(z: Tensor, y: Tensor) -> Tensor:
         return torch.nn.functional.cross_entropy(logits_fn(z.double()), y, reduction="sum")
-    return streaming_lbfgs(params, loss_sum, chunks, max_iter=max_iter, penalty=penalty, reduce=reduce)
+    return streaming_lbfgs(params, loss_sum, chunks, max_iter=max_iter, penalty=penalty, reduce=reduce, tol=tol,
+                           info=info)
+
+
+def lbfgs_report(cal: Calibrator, info: dict[str, Any]) -> None:
+    """Store ``n_iter_`` / ``converged_`` from a :func:`streaming_lbfgs` ``info`` and warn when not converged."""
+    import warnings
+
+    cal.n_iter_ = int(info["n_iter"])
+    cal.converged_ = bool(info["converged"])
+    if not cal.converged_:
+        limit = getattr(cal, "max_iter", info["n_iter"])
+        warnings.warn(f"{type(cal).__name__} did not converge in max_iter={limit} L-BFGS iterations "
+                      f"({info['n_eval']} evaluations; largest gradient entry {info['grad_max']:.2e} > tol); the "
+                      "NLL may be above its optimum: raise max_iter", ConvergenceWarning, stacklevel=4)
 
 
 def chunks_and_classes(source: BatchSource, ignore_index: int | None, max_pixels: int | None, seed: int

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from segcal.calibrators._base import BatchSource, Calibrator, chunks_and_classes, fit_nll
+from segcal.calibrators._base import BatchSource, Calibrator, chunks_and_classes, fit_nll, lbfgs_report
 
 
 class DirichletScaling(Calibrator):
@@ -22,15 +22,18 @@ class DirichletScaling(Calibrator):
         ignore_index: label excluded from fitting.
         reg_lambda: λ, off-diagonal penalty (0 = unregularised matrix version).
         reg_mu: μ, bias penalty; None uses ``reg_lambda``.
-        max_iter: L-BFGS iterations.
+        max_iter: cap on L-BFGS iterations (2·max_iter evaluations); a fit stopped by it warns
+            (:class:`~segcal.calibrators.ConvergenceWarning`) and sets ``converged_ = False``.
         max_pixels: if set, fit on a seeded uniform sample of this many valid pixels held in memory.
         seed: seed of the pixel sample.
+        tol: convergence tolerance on the largest entry of the gradient of the mean objective.
 
     Shape:
         logits ``(N, C, H, W)``, target ``(N, H, W)``; ``transform`` returns ``(N, C, H, W)``.
 
     Attributes:
         weight_ (Tensor): ``(C, C)``. bias_ (Tensor): ``(C,)``. nll_ (float): final objective.
+        n_iter_ (int): L-BFGS iterations. converged_ (bool): whether the tolerance was met.
 
     References:
         Kull et al., "Beyond temperature scaling: Obtaining well-calibrated multiclass probabilities with Dirichlet
@@ -44,16 +47,17 @@ class DirichletScaling(Calibrator):
 
     preserves_argmax = False
     name = "dirichlet"
-    _learned = ("weight_", "bias_", "nll_")
+    _learned = ("weight_", "bias_", "nll_", "n_iter_", "converged_")
 
     def __init__(self, ignore_index: int | None = 255, *, reg_lambda: float = 0.0, reg_mu: float | None = None,
-                 max_iter: int = 100, max_pixels: int | None = None, seed: int = 0) -> None:
+                 max_iter: int = 1000, max_pixels: int | None = None, seed: int = 0, tol: float = 1e-9) -> None:
         self.ignore_index = ignore_index
         self.reg_lambda = reg_lambda
         self.reg_mu = reg_mu
         self.max_iter = max_iter
         self.max_pixels = max_pixels
         self.seed = seed
+        self.tol = tol
 
     def _fit(self, source: BatchSource) -> None:
         chunks, c = chunks_and_classes(source, self.ignore_index, self.max_pixels, self.seed)
@@ -66,8 +70,10 @@ class DirichletScaling(Calibrator):
         if lam > 0 or mu > 0:
             def penalty() -> Tensor:
                 return lam * (w * off).square().sum() / max(1, c * (c - 1)) + mu * b.square().sum() / c
+        info: dict = {}
         self.nll_ = fit_nll([w, b], lambda z: torch.log_softmax(z, 1) @ w.T + b, chunks, max_iter=self.max_iter,
-                            penalty=penalty, reduce=self._all_reduce)
+                            penalty=penalty, reduce=self._all_reduce, tol=self.tol, info=info)
+        lbfgs_report(self, info)
         self.weight_, self.bias_ = w.detach().float(), b.detach().float()
 
     def _transform(self, z: Tensor, images: Tensor | None) -> Tensor:

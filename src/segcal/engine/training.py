@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,19 +20,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["TrainConfig", "Trainer", "cross_entropy", "evaluate_model", "train"]
+__all__ = ["NonFiniteLossError", "TrainConfig", "Trainer", "cross_entropy", "evaluate_model", "train"]
 
 CHECKPOINT = "last.pt"
 LOG = "log.jsonl"
+#: ignore label used only when ``ignore_index="data"`` and the training set declares none.
+DEFAULT_IGNORE_INDEX = 255
+#: TrainConfig fields that only change validation reporting: a resume may change them.
+_REPORT_ONLY = ("val_subset", "val_batch_size", "n_bins")
 
 
-def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:
+class NonFiniteLossError(FloatingPointError, ValueError):
+    """The training loss became NaN/inf (also a ValueError, so the CLI prints it as one line)."""
+
+
+def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int | None = 255) -> Tensor:
     """Mean cross-entropy over valid pixels; 0 (with a gradient path) when a batch has none, instead of NaN.
 
     Example:
         >>> cross_entropy(torch.zeros(1, 2, 2, 2), torch.full((1, 2, 2), 255)).item()
         0.0
     """
+    if ignore_index is None:
+        return F.cross_entropy(logits.float(), target)
     if not (target != ignore_index).any():
         return logits.sum() * 0.0
     return F.cross_entropy(logits.float(), target, ignore_index=ignore_index)
@@ -58,7 +70,9 @@ class TrainConfig:
         grad_clip: clip the global gradient norm to this value (None = off).
         freeze_bn: keep BatchNorm layers in eval mode (running statistics frozen) -- for small batches or small
             crops, whose batch statistics differ from the pretrained ones.
-        n_bins, ignore_index: validation ECE bins and the ignored label.
+        n_bins: validation ECE bins.
+        ignore_index: the ignored label; ``"data"`` (default) takes ``train_data.ignore_index`` (None = every label
+            is a class; 255 when the dataset declares nothing).
     """
 
     epochs: int = 10
@@ -79,7 +93,7 @@ class TrainConfig:
     grad_clip: float | None = None
     freeze_bn: bool = False
     n_bins: int = 15
-    ignore_index: int = 255
+    ignore_index: int | str | None = "data"
 
     def validate(self) -> TrainConfig:
         def pos_int(name: str, allow_none: bool = False) -> None:
@@ -100,6 +114,9 @@ class TrainConfig:
                              f"weight_decay={self.weight_decay}, poly_power={self.poly_power}")
         if not 0 <= self.holdout_fraction < 1:
             raise ValueError(f"`holdout_fraction` must be in [0, 1), got {self.holdout_fraction}")
+        ign = self.ignore_index
+        if ign != "data" and ign is not None and (isinstance(ign, bool) or not isinstance(ign, int)):
+            raise ValueError(f"`ignore_index` must be an int, None or 'data', got {ign!r}")
         if self.crop_size is not None:
             cs = tuple(self.crop_size)
             if len(cs) != 2 or any(not isinstance(c, int) or c < 1 for c in cs):
@@ -121,11 +138,14 @@ def _atomic_text(path: Path, text: str) -> None:
 
 
 def _augment(image: np.ndarray, target: np.ndarray, cfg: TrainConfig, g: torch.Generator,
-             ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
+             ignore_index: int | None) -> tuple[np.ndarray, np.ndarray]:
     if cfg.crop_size is not None:
         ch, cw = cfg.crop_size
         h, w = target.shape
         if h < ch or w < cw:
+            if ignore_index is None:
+                raise ValueError(f"crop_size {cfg.crop_size} is larger than a {h}x{w} image and the data has no "
+                                 "ignore_index to pad the labels with")
             ph, pw = max(ch - h, 0), max(cw - w, 0)
             image = np.pad(image, ((0, ph), (0, pw), (0, 0)))
             target = np.pad(target, ((0, ph), (0, pw)), constant_values=ignore_index)
@@ -159,7 +179,8 @@ def _eval_batches(dataset: Any, indices: Sequence[int], batch_size: int) -> Iter
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, dataset: Any, indices: Sequence[int] | None = None, batch_size: int = 4,
-                   num_classes: int | None = None, n_bins: int = 15, ignore_index: int = 255) -> dict[str, float]:
+                   num_classes: int | None = None, n_bins: int = 15, ignore_index: int | None = 255
+                   ) -> dict[str, float]:
     """Validation metrics of ``model`` on ``dataset`` (eval mode, no grad): miou, accuracy, ece, nll.
 
     Uses :class:`segcal.metrics.CalibrationMetrics` when available, else a local histogram implementation of the
@@ -191,7 +212,7 @@ def evaluate_model(model: nn.Module, dataset: Any, indices: Sequence[int] | None
             if metric is not None:
                 metric.update(logits, target)
                 continue
-            valid = target != ignore_index
+            valid = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
             logp = logits.log_softmax(1).permute(0, 2, 3, 1)[valid]
             y = target[valid]
             c, pred = logp.exp().max(1)
@@ -225,6 +246,11 @@ class Trainer:
     ``(seed, e)``. Resuming from the checkpoint of epoch ``e`` therefore gives bit-identical weights to a run that
     was never interrupted (on CPU).
 
+    A resume refuses (one-line ``ValueError`` listing every difference) when the run's identity changed: any
+    :class:`TrainConfig` field that affects training, the loss (class and hyperparameters), the starting model
+    (class, name, class count, weight fingerprint) or the data (identity, length, image names). The ignored label
+    comes from the training set (``train_data.ignore_index``) and the class count from the model.
+
     Files in ``out_dir``: ``last.pt`` (a segcal checkpoint, loadable with :func:`segcal.models.load`, plus optimizer,
     scheduler, RNG, loss state and history; written atomically) and ``log.jsonl`` (one JSON object per epoch:
     train loss, lr, mean step/data time, validation metrics, holdout accuracy).
@@ -257,20 +283,28 @@ class Trainer:
         if len(train_data) == 0:
             raise ValueError("`train_data` is empty")
         cfg = dataclasses.replace(config or TrainConfig(), **overrides)
+        if cfg.ignore_index == "data":
+            cfg = dataclasses.replace(cfg, ignore_index=getattr(train_data, "ignore_index", DEFAULT_IGNORE_INDEX))
         self.config = cfg.validate()
         self.model = model
         self.train_data = train_data
         self.val_data = val_data
-        ign = cfg.ignore_index
-        self.loss = loss if loss is not None else (lambda lg, t: cross_entropy(lg, t, ign))
-        if not callable(self.loss):
+        ign = self.config.ignore_index
+        if loss is not None and not callable(loss):
             raise TypeError(f"`loss` must be callable, got {type(loss).__name__}")
+        loss_ign = getattr(loss, "ignore_index", ign)
+        if loss_ign != ign:
+            raise ValueError(f"the loss ignores label {loss_ign!r} but the training data's ignore_index is {ign!r}; "
+                             f"build the loss with ignore_index={ign!r}")
+        self.loss = loss if loss is not None else (lambda lg, t: cross_entropy(lg, t, ign))
+        self._loss_spec = _describe_loss(loss)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = progress
         self.history: list[dict] = []
         self.epoch = 0
         self.global_step = 0
         self._split_indices()
+        self._identity = self._run_identity()
         self.optimizer = self._make_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._poly)
 
@@ -291,6 +325,17 @@ class Trainer:
         if cfg.max_steps_per_epoch is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
         self.total_steps = max(1, self.steps_per_epoch * cfg.epochs)
+
+    def _run_identity(self) -> dict[str, Any]:
+        """What a resume must not change: training settings, loss, starting model, data (JSON-serialisable)."""
+        from segcal.engine.inference import model_fingerprint
+
+        cfg = {k: _norm(v) for k, v in dataclasses.asdict(self.config).items() if k not in _REPORT_ONLY}
+        m = self.model
+        model = {"class": type(m).__name__, "name": getattr(m, "name", None), "num_classes": getattr(m, "num_classes",
+                 None), "arch": getattr(m, "arch", None), "weights": model_fingerprint(m)}
+        return {"config": cfg, "loss": self._loss_spec, "model": model, "train_data": _describe_data(self.train_data),
+                "val_data": _describe_data(self.val_data) if self.val_data is not None else None}
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config
@@ -345,7 +390,7 @@ class Trainer:
             "epoch": self.epoch, "step": self.global_step, "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng_state": torch.get_rng_state(),
             "loss": self.loss.state_dict() if hasattr(self.loss, "state_dict") else None,
-            "train_config": dataclasses.asdict(self.config), "history": self.history,
+            "train_config": dataclasses.asdict(self.config), "run_identity": self._identity, "history": self.history,
             "metrics": self.history[-1] if self.history else {},
         }
         try:
@@ -364,16 +409,29 @@ class Trainer:
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore every piece of training state saved by :meth:`save_checkpoint`."""
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        saved = ckpt.get("train_config", {})
-        mine = dataclasses.asdict(self.config)
-        critical = ("batch_size", "optimizer", "seed", "subset", "holdout_fraction", "max_steps_per_epoch", "epochs")
-        diff = [k for k in critical if k in saved and _norm(saved[k]) != _norm(mine[k])]
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # unpickling raises many types; report one line
+            raise ValueError(f"cannot read checkpoint '{path}' ({type(err).__name__}: "
+                             f"{_first_line(err)}); delete it or pass resume=False (CLI --no-resume)") from None
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "optimizer" not in ckpt:
+            raise ValueError(f"'{path}' is not a training checkpoint of segcal's Trainer")
+        saved = ckpt.get("run_identity")
+        if saved is None:  # checkpoints written before run identities: compare the config only
+            mine = {k: _norm(v) for k, v in dataclasses.asdict(self.config).items() if k not in _REPORT_ONLY}
+            saved, mine = {"config": {k: _norm(v) for k, v in ckpt.get("train_config", {}).items() if k in mine}}, \
+                {"config": mine}
+        else:
+            mine = self._identity
+        diff = _differences(json.loads(json.dumps(saved)), json.loads(json.dumps(mine)))
         if diff:
-            raise ValueError(f"checkpoint '{path}' was trained with different settings ("
-                             + ", ".join(f"{k}={saved[k]!r} vs now {mine[k]!r}" for k in diff)
-                             + "); resume with the same settings or use another out_dir")
-        self.model.load_state_dict(ckpt["state_dict"])
+            raise ValueError(f"checkpoint '{path}' was trained with different settings: {'; '.join(diff)}; resume "
+                             "with the same settings, or pass resume=False (CLI --no-resume) to start over")
+        try:
+            self.model.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as err:
+            raise ValueError(f"checkpoint '{path}' holds weights of another model ({_first_line(err)}); resume with "
+                             "the model it was trained from, or pass resume=False (CLI --no-resume)") from None
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng_state"])
@@ -382,6 +440,19 @@ class Trainer:
         self.epoch = int(ckpt["epoch"])
         self.global_step = int(ckpt["step"])
         self.history = list(ckpt.get("history", []))
+
+    def _move_previous_run(self) -> None:
+        assert self.out_dir is not None
+        k = 1
+        while (self.out_dir / f"previous-{k}").exists():
+            k += 1
+        dest = self.out_dir / f"previous-{k}"
+        dest.mkdir()
+        for name in (CHECKPOINT, LOG):
+            if (self.out_dir / name).exists():
+                os.replace(self.out_dir / name, dest / name)
+        warnings.warn(f"starting over (resume=False): the previous run in '{self.out_dir}' was moved to '{dest}'",
+                      stacklevel=3)
 
     def _write_log(self) -> None:
         if self.out_dir is None:
@@ -399,18 +470,19 @@ class Trainer:
         """Train for the configured epochs (continuing from ``out_dir/last.pt`` when ``resume``).
 
         Args:
-            resume: continue a previous run from its last checkpoint (starts fresh when there is none). Without
-                it, an existing checkpoint in ``out_dir`` is an error, so finished work is never overwritten.
+            resume: continue a previous run from its last checkpoint (starts fresh when there is none); refused
+                with a one-line ``ValueError`` when the settings, loss, model or data differ from the checkpoint's.
+                With ``resume=False`` an existing run is started over: its ``last.pt`` and ``log.jsonl`` are
+                moved (never deleted) to ``out_dir/previous-<k>/``, with a warning.
 
         Returns:
             The per-epoch history (also in ``log.jsonl``).
         """
         cfg = self.config
         ckpt = self._checkpoint_path()
+        if ckpt is not None and ckpt.exists() and not resume:
+            self._move_previous_run()
         if ckpt is not None and ckpt.exists():
-            if not resume:
-                raise FileExistsError(f"'{ckpt}' exists: pass resume=True to continue that run, or use another "
-                                      "out_dir")
             self.load_checkpoint(ckpt)
         else:
             torch.manual_seed(cfg.seed)
@@ -450,9 +522,9 @@ class Trainer:
                 logits = self.model(x)
                 loss = self._call_loss(logits, target, names)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {float(loss.detach())} at epoch {epoch + 1}, step "
-                                             f"{len(losses) + 1} (images {names}); lower the learning rate or "
-                                             "check the labels")
+                    raise NonFiniteLossError(f"loss is {float(loss.detach())} at epoch {epoch + 1}, step "
+                                             f"{len(losses) + 1} (global step {self.global_step + 1}, images "
+                                             f"{names}); lower the learning rate or check the labels")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip is not None:
@@ -489,6 +561,56 @@ class Trainer:
 
 def _norm(v: Any) -> Any:
     return list(v) if isinstance(v, (tuple, list)) else v
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__
+
+
+def _jsonable(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (tuple, list)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, Tensor) and v.numel() <= 64:
+        return v.tolist()
+    return f"<{type(v).__name__}>"
+
+
+def _describe_loss(loss: Any) -> dict[str, Any]:
+    """Class and hyperparameters (public plain attributes) of a loss, for the resume check."""
+    if loss is None:
+        return {"class": "cross_entropy"}
+    params = {k: _jsonable(v) for k, v in sorted(vars(loss).items())
+              if not k.startswith("_") and k != "training" and not callable(v) and not isinstance(v, (dict, set))}
+    name = type(loss).__qualname__ if isinstance(loss, nn.Module) or not hasattr(loss, "__qualname__") \
+        else loss.__qualname__
+    return {"class": name, **params}
+
+
+def _describe_data(data: Any) -> dict[str, Any]:
+    from segcal.engine.inference import dataset_id
+
+    names = getattr(data, "names", None)
+    digest = None
+    if names is not None:
+        digest = hashlib.sha256("\n".join(map(str, names)).encode()).hexdigest()[:16]
+    return {"id": dataset_id(data), "len": len(data), "names": digest,
+            "ignore_index": getattr(data, "ignore_index", None)}
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``"key: old -> new"`` for every leaf that differs between two JSON-like trees."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if old != new:
+        label = prefix.removeprefix("config.")
+        return [f"{label} {old!r} -> now {new!r}"]
+    return []
 
 
 def train(model: nn.Module, train_data: Any, val_data: Any = None, loss: Callable[..., Tensor] | None = None,
