@@ -50,7 +50,7 @@ class DirichletScaling(Calibrator):
     _learned = ("weight_", "bias_", "nll_", "n_iter_", "converged_")
 
     def __init__(self, ignore_index: int | None = 255, *, reg_lambda: float = 0.0, reg_mu: float | None = None,
-                 max_iter: int = 1000, max_pixels: int | None = None, seed: int = 0, tol: float = 1e-9) -> None:
+                 max_iter: int = 1000, max_pixels: int | None = None, seed: int = 0, tol: float = 1e-7) -> None:
         self.ignore_index = ignore_index
         self.reg_lambda = reg_lambda
         self.reg_mu = reg_mu

@@ -48,7 +48,7 @@ class MatrixScaling(Calibrator):
     _learned = ("weight_", "bias_", "nll_", "n_iter_", "converged_")
 
     def __init__(self, ignore_index: int | None = 255, *, l2: float = 0.0, max_iter: int = 1000,
-                 max_pixels: int | None = None, seed: int = 0, tol: float = 1e-9) -> None:
+                 max_pixels: int | None = None, seed: int = 0, tol: float = 1e-7) -> None:
         self.ignore_index = ignore_index
         self.l2 = l2
         self.max_iter = max_iter

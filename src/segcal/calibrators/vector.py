@@ -48,7 +48,7 @@ class VectorScaling(Calibrator):
     _learned = ("weight_", "bias_", "nll_", "n_iter_", "converged_")
 
     def __init__(self, ignore_index: int | None = 255, *, max_iter: int = 1000, max_pixels: int | None = None,
-                 seed: int = 0, tol: float = 1e-9) -> None:
+                 seed: int = 0, tol: float = 1e-7) -> None:
         self.ignore_index = ignore_index
         self.max_iter = max_iter
         self.max_pixels = max_pixels
