@@ -168,6 +168,29 @@ def test_alpha_update_clipping_bounds():
     assert alpha_max(2.0) == pytest.approx(0.24)
 
 
+def _released_rule(al: float, beta: float) -> float:
+    """The reset of the released main_ASLP.py (per image): < 0 -> 0; >= 1/(2β) -> 1/(2β) - 0.01; else unchanged."""
+    if al < 0:
+        return 0.0
+    if al >= 1 / (2 * beta):
+        return 1 / (2 * beta) - 0.01
+    return al
+
+
+@pytest.mark.parametrize("beta", [2.0, 1.0])
+def test_alpha_update_keeps_values_just_below_the_bound_as_released(beta):
+    # eta = 0: the update is α itself, so only the reset rule acts; 1/(2β) − 0.005 used to be clipped to − 0.01
+    bound = 1 / (2 * beta)
+    alphas = torch.tensor([0.0, 0.1, bound - 0.01, bound - 0.005, bound - 1e-9, bound, bound + 0.3],
+                          dtype=torch.float64)
+    x = torch.randn(len(alphas), 1, 2, 2, dtype=torch.float64)
+    y = torch.randint(0, 2, (len(alphas), 2, 2))
+    got = LF.aslp_alpha_update(alphas, x, y, 0.5, beta=beta, eta=0.0)
+    ref = [_released_rule(float(a), beta) for a in alphas]
+    assert got.tolist() == pytest.approx(ref, abs=1e-12)
+    assert got[3].item() == pytest.approx(bound - 0.005)
+
+
 # --- the ASLP module ------------------------------------------------------------------------------------------------
 
 def _train(loss_fn, epochs, steps=2, ids_per_batch=(("a", "b", "c"), ("d", "e", "f")), acc=0.7):
@@ -191,7 +214,7 @@ def test_warmup_and_eval_mode_do_not_update():
     loss_fn.train()
     _train(loss_fn, epochs=3)
     assert set(loss_fn.alpha_) == set("abcdef") and any(loss_fn.alpha_.values())
-    assert all(0 <= a <= alpha_max(2.0) for a in loss_fn.alpha_.values())
+    assert all(0 <= a < 1 / (2 * 2.0) for a in loss_fn.alpha_.values())
 
 
 def test_forward_update_matches_function():

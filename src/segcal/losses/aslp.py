@@ -181,9 +181,14 @@ def sc_ce(logits: Tensor, target: Tensor, alpha: float | Tensor = 0.0, beta: flo
     return reduce_loss(per_pixel, valid, reduction)
 
 
+def alpha_bound(beta: float, multiclass: bool = False) -> float:
+    """Where the released code resets α: ``1/(2β)`` (binary) or ``1/β'`` (multi-class extension)."""
+    return 1 / beta if multiclass else 1 / (2 * beta)
+
+
 def alpha_max(beta: float, multiclass: bool = False) -> float:
-    """Upper clip of α: ``1/(2β) − 0.01`` (binary, released code) or ``1/β' − 0.01`` (extension), capped at 1."""
-    return min(1.0, (1 / beta if multiclass else 1 / (2 * beta)) - 0.01)
+    """Value α is reset to when an update reaches :func:`alpha_bound`: ``bound − 0.01``, capped at 1."""
+    return min(1.0, alpha_bound(beta, multiclass) - 0.01)
 
 
 @torch.no_grad()
@@ -194,17 +199,21 @@ def aslp_alpha_update(alpha: Tensor, logits: Tensor, target: Tensor, val_accurac
 
     Binary:
 
-    .. math:: \alpha_i \leftarrow \mathrm{clip}\Big(\alpha_i + \eta \Big[
+    .. math:: a_i = \alpha_i + \eta \Big[
               \frac{\mathrm{BCE}(p, 1 - y)_i - \mathrm{BCE}(p, y)_i}{\beta}
-              + \lambda \min\big((1 - \mathrm{acc}_{val}) - \beta \alpha_i,\ 0\big) \Big],
-              \ 0,\ \frac{1}{2\beta} - 0.01\Big)
+              + \lambda \min\big((1 - \mathrm{acc}_{val}) - \beta \alpha_i,\ 0\big) \Big], \qquad
+              \alpha_i \leftarrow \begin{cases} 0 & a_i < 0 \\ \frac{1}{2\beta} - 0.01 & a_i \ge \frac{1}{2\beta} \\
+              a_i & \text{otherwise} \end{cases}
 
-    with per-image mean BCEs over valid pixels and ``p`` clamped to ``[1e-7, 1 − 1e-7]``.
+    with per-image mean BCEs over valid pixels and ``p`` clamped to ``[1e-7, 1 − 1e-7]``. As in the released
+    ``main_ASLP.py`` this is *not* a clip: a value in ``[1/(2β) − 0.01, 1/(2β))`` is kept unchanged, only a value
+    reaching ``1/(2β)`` is reset to ``1/(2β) − 0.01``. (segcal also caps the reset value at 1, which matters only
+    for β < 0.505.)
 
     Multi-class (segcal's extension): ``β`` is replaced by ``b = β'(C − 1)/C`` (the expected mass moved off the
     true class per unit α), ``BCE(p, y)`` by ``−log p_y`` and ``BCE(p, 1 − y)`` by ``−mean_{k≠y} log p_k``
-    (cross-entropy against the target spread uniformly over the other classes), and the upper clip is
-    ``min(1, 1/β' − 0.01)``. For ``C = 2`` and ``β' = 2β`` this is exactly the binary rule.
+    (cross-entropy against the target spread uniformly over the other classes), and the reset bound is ``1/β'``
+    (reset value ``min(1, 1/β' − 0.01)``). For ``C = 2`` and ``β' = 2β`` this is exactly the binary rule.
 
     Args:
         alpha: current ``(B,)`` perturbation probabilities.
@@ -250,7 +259,10 @@ def aslp_alpha_update(alpha: Tensor, logits: Tensor, target: Tensor, val_accurac
     vf = valid.double()
     gap = ((flip - own) * vf).flatten(1).sum(1) / count.clamp_min(1)
     step = gap / b + lam * torch.clamp((1 - val_accuracy) - b * alpha, max=0)
-    new = (alpha + eta * step).clamp(0, alpha_max(beta, multiclass))
+    new = alpha + eta * step
+    bound = alpha_bound(beta, multiclass)
+    new = torch.where(new < 0, torch.zeros_like(new), new)
+    new = torch.where(new >= bound, torch.full_like(new, alpha_max(beta, multiclass)), new.clamp_max(1.0))
     return torch.where(count > 0, new, alpha)
 
 
