@@ -170,10 +170,35 @@ def test_calibrator_composition(data) -> None:
     manual = CoverageRiskControl(alpha=0.1, refine=False).fit(z / ts.temperature_, y)
     assert composed.threshold_ == manual.threshold_
     assert torch.equal(composed.predict(z), manual.predict(z / ts.temperature_))
-    with pytest.raises(ValueError, match="not fitted"):
-        CoverageRiskControl(calibrator=TemperatureScaling()).fit(z, y)
     with pytest.raises(TypeError, match="calibrator"):
         CoverageRiskControl(calibrator=object()).fit(z, y)
+    with pytest.raises(ValueError, match="calibrator_split"):
+        CoverageRiskControl(calibrator=TemperatureScaling(), calibrator_split=1.0).fit(z, y)
+
+
+def test_unfitted_calibrator_is_fitted_on_its_own_share_of_images(data, tmp_path) -> None:
+    from segcal.conformal import load
+    from segcal.conformal.risk import _in_calibrator_part
+
+    z, y = data
+    ctrl = CoverageRiskControl(alpha=0.1, calibrator=TemperatureScaling(), calibrator_split=0.4,
+                               refine=False).fit(z, y)
+    part = torch.tensor([_in_calibrator_part(str(i), 0.4) for i in range(80)])
+    assert 15 < int(part.sum()) < 50
+    assert not hasattr(ctrl.calibrator, "temperature_")  # the given calibrator stays unfitted; a copy is fitted
+    ts = TemperatureScaling().fit(z[part], y[part])
+    assert ctrl.calibrator_.temperature_ == pytest.approx(ts.temperature_, rel=1e-5)  # TS tolerance, batching
+    manual = CoverageRiskControl(alpha=0.1, calibrator=ctrl.calibrator_, refine=False).fit(z[~part], y[~part])
+    assert ctrl.threshold_ == manual.threshold_ and ctrl.n_calibration_ == int((~part).sum())
+    batches = [(z[i:i + 8], y[i:i + 8], [str(k) for k in range(i, i + 8)]) for i in range(0, 80, 8)]
+    again = CoverageRiskControl(alpha=0.1, calibrator=TemperatureScaling(), calibrator_split=0.4,
+                                refine=False).fit(lambda: iter(batches[::-1]))  # the split follows names, not order
+    assert again.n_calibration_ == ctrl.n_calibration_
+    assert again.calibrator_.temperature_ == pytest.approx(ctrl.calibrator_.temperature_, rel=1e-5)
+    ctrl.save(tmp_path / "c.pt")
+    back = load(str(tmp_path / "c.pt"))
+    assert back.calibrator_.temperature_ == ctrl.calibrator_.temperature_
+    assert torch.equal(back.predict(z), ctrl.predict(z))
 
 
 def _miss_fraction(pred_set, target, valid):

@@ -41,7 +41,8 @@ class CoverageRiskControl(RiskControl):
         ignore_index: void label (excluded everywhere); None = no void label.
         loss: ``"indicator"`` (1[m_i > ε]) or ``"fraction"`` (m_i).
         score: ``"lac"`` or ``"aps"``.
-        calibrator: a fitted post-hoc calibrator applied to the logits first (fit it on other data), or None.
+        calibrator, calibrator_split: a post-hoc calibrator applied to the logits first (fitted: used as is;
+            unfitted: fitted on a ``calibrator_split`` share of the calibration images); see ``RiskControl``.
         n_grid, refine, batch_size: see :class:`~segcal.conformal.RiskControl`.
 
     Shape:
@@ -65,13 +66,14 @@ class CoverageRiskControl(RiskControl):
 
     def __init__(self, alpha: float = 0.1, epsilon: float = 0.1, ignore_index: int | None = 255, *,
                  loss: str = "indicator", score: str = "lac", calibrator: Calibrator | None = None,
-                 n_grid: int = 1001, refine: bool = True, batch_size: int = 4) -> None:
+                 calibrator_split: float = 0.5, n_grid: int = 1001, refine: bool = True, batch_size: int = 4) -> None:
         self.alpha = alpha
         self.epsilon = epsilon
         self.ignore_index = ignore_index
         self.loss = loss
         self.score = score
         self.calibrator = calibrator
+        self.calibrator_split = calibrator_split
         self.n_grid = n_grid
         self.refine = refine
         self.batch_size = batch_size

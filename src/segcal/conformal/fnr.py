@@ -36,7 +36,8 @@ class FNRControl(RiskControl):
         class_index: the class of interest k ∈ [0, C).
         ignore_index: void label; None = no void label.
         count_empty: images without class-k pixels count with loss 0 (True) or are left out (False); see above.
-        calibrator: a fitted post-hoc calibrator applied to the logits first (fit it on other data), or None.
+        calibrator, calibrator_split: a post-hoc calibrator applied to the logits first (fitted: used as is;
+            unfitted: fitted on a ``calibrator_split`` share of the calibration images); see ``RiskControl``.
         n_grid, refine, batch_size: see :class:`~segcal.conformal.RiskControl`.
 
     Shape:
@@ -59,13 +60,14 @@ class FNRControl(RiskControl):
     """
 
     def __init__(self, alpha: float = 0.1, class_index: int = 0, ignore_index: int | None = 255, *,
-                 count_empty: bool = True, calibrator: Calibrator | None = None, n_grid: int = 1001,
-                 refine: bool = True, batch_size: int = 4) -> None:
+                 count_empty: bool = True, calibrator: Calibrator | None = None, calibrator_split: float = 0.5,
+                 n_grid: int = 1001, refine: bool = True, batch_size: int = 4) -> None:
         self.alpha = alpha
         self.class_index = class_index
         self.ignore_index = ignore_index
         self.count_empty = count_empty
         self.calibrator = calibrator
+        self.calibrator_split = calibrator_split
         self.n_grid = n_grid
         self.refine = refine
         self.batch_size = batch_size

@@ -30,9 +30,10 @@ References:
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ import torch
 from torch import Tensor
 
 from segcal._checks import check_dense_scores
-from segcal.calibrators import Calibrator, NotFittedError
+from segcal.calibrators import Calibrator, NotFittedError, clone
 from segcal.conformal._bounds import (
     adjusted_risk,
     all_reduce_sum,
@@ -56,6 +57,39 @@ from segcal.conformal._source import Source
 
 SCORES = ("lac", "aps")
 _FORMAT = "segcal.risk_control"
+
+
+def _is_fitted(cal: object) -> bool:
+    return not isinstance(cal, Calibrator) or hasattr(cal, "num_classes_")
+
+
+def _in_calibrator_part(name: str, share: float) -> bool:
+    """Seeded-by-name image assignment: sha1 of the name as a uniform number in [0, 1)."""
+    return int(hashlib.sha1(name.encode()).hexdigest()[:12], 16) / float(1 << 48) < share
+
+
+class _Part:
+    """The images of a :class:`Source` on one side of the name-hash split (re-iterable; batches re-cut)."""
+
+    def __init__(self, source: Source, share: float, *, calibrator_part: bool) -> None:
+        self.source, self.share, self.calibrator_part = source, share, calibrator_part
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.source.num_classes
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, list[str]]]:
+        seen = False
+        for logits, target, names in self.source:
+            keep = [i for i, n in enumerate(names) if _in_calibrator_part(n, self.share) == self.calibrator_part]
+            if keep:
+                seen = True
+                idx = torch.tensor(keep)
+                yield logits[idx], target[idx], [names[i] for i in keep]
+        if not seen:
+            side = "calibrator" if self.calibrator_part else "threshold"
+            raise ValueError(f"no calibration image fell into the {side} part of `calibrator_split`="
+                             f"{self.share}; use more images or another split")
 
 
 def _subclasses(cls: type) -> list[type]:
@@ -100,9 +134,12 @@ class RiskControl:
         alpha: target risk level α ∈ (0, 1).
         bound: B, an upper bound of the loss (1 for fractions and indicators).
         score: ``"lac"`` or ``"aps"`` class scores.
-        calibrator: a **fitted** post-hoc calibrator (``segcal.calibrators``) applied to the logits first, or None.
-            Fit it on data disjoint from the calibration split: scores that depend on the calibration images void
-            the exchangeability argument.
+        calibrator: a post-hoc calibrator (``segcal.calibrators``, logits-only) applied to the logits first, or
+            None. A fitted one is used as is (fit it on data disjoint from the calibration split: scores that depend
+            on the calibration images void the exchangeability argument). An unfitted one is cloned and fitted on a
+            share ``calibrator_split`` of the calibration images; λ̂ is then calibrated on the other images only.
+        calibrator_split: share of the calibration images that fit an unfitted ``calibrator``. Images are assigned
+            by a hash of their name (index for tensors), so the split does not depend on order, batching or ranks.
         ignore_index: void label, excluded from losses and set sizes; None = no void label.
         n_grid: grid size.
         refine: second pass inside the coarse bracket (needs re-iterable data).
@@ -131,16 +168,17 @@ class RiskControl:
     """
 
     _learned = ("threshold_", "risk_bound_", "empirical_risk_", "set_size_", "n_calibration_", "grid_",
-                "risk_curve_", "set_size_curve_", "feasible_", "num_classes_")
+                "risk_curve_", "set_size_curve_", "feasible_", "num_classes_", "calibrator_")
 
     def __init__(self, loss: Callable[[Tensor, Tensor, Tensor], Tensor], *, alpha: float = 0.1, bound: float = 1.0,
-                 score: str = "lac", calibrator: Calibrator | None = None, ignore_index: int | None = 255,
-                 n_grid: int = 1001, refine: bool = True, batch_size: int = 4) -> None:
+                 score: str = "lac", calibrator: Calibrator | None = None, calibrator_split: float = 0.5,
+                 ignore_index: int | None = 255, n_grid: int = 1001, refine: bool = True, batch_size: int = 4) -> None:
         self.loss = loss
         self.alpha = alpha
         self.bound = bound
         self.score = score
         self.calibrator = calibrator
+        self.calibrator_split = calibrator_split
         self.ignore_index = ignore_index
         self.n_grid = n_grid
         self.refine = refine
@@ -185,10 +223,12 @@ class RiskControl:
             if not callable(getattr(cal, "transform", None)):
                 raise TypeError(f"`calibrator` must be a fitted segcal calibrator (with transform), got "
                                 f"{type(cal).__name__}")
-            if isinstance(cal, Calibrator) and not hasattr(cal, "num_classes_"):
-                raise ValueError(f"`calibrator`={type(cal).__name__} is not fitted: fit it on data disjoint from the "
-                                 "calibration split first (fitting it on the calibration images would make the scores "
-                                 "depend on them and void the exchangeability behind the guarantee)")
+            if not _is_fitted(cal):
+                if not isinstance(cal, Calibrator):
+                    raise TypeError(f"`calibrator`={type(cal).__name__} is not fitted and not a segcal Calibrator")
+                if not (isinstance(self.calibrator_split, (int, float)) and 0.0 < self.calibrator_split < 1.0):
+                    raise ValueError("`calibrator_split` must be in (0, 1) to fit an unfitted calibrator, got "
+                                     f"{self.calibrator_split!r}")
             if getattr(cal, "needs_images", False):
                 raise ValueError(f"`calibrator`={type(cal).__name__} needs images; the risk controllers see logits "
                                  "only — use a logits-only calibrator")
@@ -207,8 +247,9 @@ class RiskControl:
 
     def _class_scores(self, logits: Tensor) -> Tensor:
         z = logits
-        if self.calibrator is not None:
-            z = self.calibrator.transform(z)
+        cal = self._calibrator()
+        if cal is not None:
+            z = cal.transform(z)
         with torch.no_grad():
             return class_scores(torch.softmax(z.double(), dim=1), self.score)
 
@@ -218,7 +259,11 @@ class RiskControl:
 
     def _score_key(self) -> tuple[object, ...]:
         """Controllers with equal keys share class scores in :func:`image_curves`."""
-        return (self.score, id(self.calibrator))
+        return (self.score, id(self._calibrator()))
+
+    def _calibrator(self) -> Calibrator | None:
+        """The calibrator in use: the fitted copy ``calibrator_`` when fit() fitted one, else ``calibrator``."""
+        return self.__dict__.get("calibrator_", self.calibrator)
 
     def _valid(self, target: Tensor) -> Tensor:
         if self.ignore_index is None:
@@ -306,7 +351,17 @@ class RiskControl:
         self._check_params()
         for name in (*self._learned, "_loss_sum"):
             self.__dict__.pop(name, None)
-        source = Source(data, target, ignore_index=self.ignore_index, batch_size=self.batch_size)
+        self.__dict__.pop("calibrator_", None)
+        source: Any = Source(data, target, ignore_index=self.ignore_index, batch_size=self.batch_size)
+        if self.calibrator is not None and not _is_fitted(self.calibrator):
+            fitted = clone(self.calibrator)
+            part = _Part(source, self.calibrator_split, calibrator_part=True)
+            try:
+                fitted.fit(lambda: ((z, y) for z, y, _ in part))
+            except ValueError as e:
+                raise ValueError(f"fitting `calibrator` on its share of the calibration images failed: {e}") from e
+            self.calibrator_ = fitted
+            source = _Part(source, self.calibrator_split, calibrator_part=False)
         grid = make_grid(self.n_grid)
         n, pixels, loss_fp, sizes = self._pass(source, grid)
         loss_sum = from_fixed(loss_fp, self.bound)
@@ -335,7 +390,7 @@ class RiskControl:
         self.empirical_risk_ = float(lam_loss[idx] / n)
         self.risk_bound_ = float(adjusted_risk(lam_loss[idx], n, self.bound))
         self.set_size_ = float(lam_size[idx].double() / max(pixels, 1))
-        self.num_classes_ = int(source.num_classes)  # type: ignore[arg-type]
+        self.num_classes_ = int(source.num_classes)
         return self
 
     def threshold_for(self, alpha: float) -> float:
@@ -361,7 +416,8 @@ class RiskControl:
                 raise TypeError(f"{type(self).__name__}.save cannot store the callable `{k}`; save the threshold "
                                 "(threshold_) yourself and rebuild the controller with the same loss")
             params[k] = v
-        state = {k: getattr(self, k) for k in (*self._learned, "_loss_sum") if hasattr(self, k)}
+        state = {k: ({"__calibrator__": v._to_dict(with_state=True)} if isinstance(v, Calibrator) else v)
+                 for k in (*self._learned, "_loss_sum") if k in self.__dict__ for v in [self.__dict__[k]]}
         torch.save({"format": _FORMAT, "version": 1, "class": type(self).__name__, "params": params,
                     "state": state}, path)
 
@@ -381,6 +437,8 @@ class RiskControl:
                   else v for k, v in d["params"].items()}
         obj = target(**params)
         for k, v in d["state"].items():
+            if isinstance(v, dict) and "__calibrator__" in v:
+                v = Calibrator._from_dict(v["__calibrator__"])
             setattr(obj, k, v)
         return obj
 
