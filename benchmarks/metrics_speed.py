@@ -4,28 +4,35 @@ Methods, each fed N images of realistic 11 x 360 x 480 float32 logits in batches
   softmax+max   bare ``softmax(1).max(1)`` pass: the floor every metric pays
   segcal        ``CalibrationMetrics`` full suite (ece, mce, ace, cw_ece, nll, brier, oe, miou, image_ece)
   segcal-no-cw  the same with ``classwise=False`` (everything but cw_ece)
-  torchmetrics  ``MulticlassCalibrationError`` (ECE only; keeps every pixel's confidence)
+  tm-probs      torchmetrics ``MulticlassCalibrationError`` (ECE only; keeps every pixel's confidence) fed
+                PROBABILITIES, as its docs use it: the softmax is computed before the timed region, so the anchor
+                gets them for free (the strictest comparison for segcal, which takes logits)
+  tm-logits     the same fed logits (its slow path: a range check and a softmax inside ``update``)
   netcal        ``netcal.metrics.ECE`` (needs all (P, C) probabilities at once)
 
 Each (method, N) runs in its own subprocess so the peak RSS (``ru_maxrss``) is that method's alone; inputs are a
 fixed pool of 4 distinct batches cycled to make N images, so input memory is the same for every N.
 
+The whole table (every method at 1 and 2 threads) comes from one run; the load average before and after is printed
+with it. Run it on a quiet machine (nothing else running).
+
 Usage:
-    .venv/bin/python benchmarks/metrics_speed.py                 # N = 8 and 32, best of 3
-    .venv/bin/python benchmarks/metrics_speed.py --n 16 64 --repeats 3
+    PYTHONPATH=src .venv/bin/python benchmarks/metrics_speed.py                     # N = 8, 32; 1 and 2 threads
+    PYTHONPATH=src .venv/bin/python benchmarks/metrics_speed.py --n 16 64 --threads 1 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
 
 C, H, W, BATCH, POOL = 11, 360, 480, 4, 4
-METHODS = ["softmax+max", "segcal", "segcal-no-cw", "torchmetrics", "netcal"]
+METHODS = ["softmax+max", "segcal", "segcal-no-cw", "tm-probs", "tm-logits", "netcal"]
 
 
 def _pool(seed: int = 0):
@@ -50,6 +57,8 @@ def _run_once(method: str, pool, n_images: int) -> float:
     import torch
 
     batches = [pool[i % POOL] for i in range(n_images // BATCH)]
+    if method == "tm-probs":  # probabilities are the anchor's documented input; made outside the timed region
+        batches = [(torch.softmax(logits, 1), target) for logits, target in batches]
     t0 = time.perf_counter()
     if method == "softmax+max":
         for logits, _ in batches:
@@ -61,7 +70,7 @@ def _run_once(method: str, pool, n_images: int) -> float:
         for logits, target in batches:
             m.update(logits, target)
         m.compute()
-    elif method == "torchmetrics":
+    elif method in ("tm-probs", "tm-logits"):
         from torchmetrics.classification import MulticlassCalibrationError
 
         m = MulticlassCalibrationError(num_classes=C, n_bins=15, ignore_index=255)
@@ -107,37 +116,45 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[8, 32], help="numbers of images (multiples of 4)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads per method (1 gives stable numbers on a shared machine)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                    help="torch thread counts; every method runs at each, in one run")
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        _child(args.child[0], int(args.child[1]), args.repeats, args.threads)
+        _child(args.child[0], int(args.child[1]), args.repeats, args.threads[0])
         return
     import torch
 
-    print(f"torch {torch.__version__}, {args.threads} thread(s) of {torch.get_num_threads()}; "
-          f"images {C}x{H}x{W} float32, batches of {BATCH}, best of {args.repeats}")
+    load0 = os.getloadavg()
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; images {C}x{H}x{W} float32, batches of {BATCH}, "
+          f"best of {args.repeats}; load average before: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
+    print("command: " + " ".join([os.path.basename(sys.executable), *sys.argv]))
     rows = {}
-    for n in args.n:
-        for method in args.methods:
-            res = subprocess.run([sys.executable, __file__, "--child", method, str(n), "--repeats",
-                                  str(args.repeats), "--threads", str(args.threads)],
-                                 capture_output=True, text=True, check=True)
-            r = json.loads(res.stdout.strip().splitlines()[-1])
-            r["mpx_s"] = n * H * W / r["seconds"] / 1e6
-            rows[(method, n)] = r
-    print(f"{'method':<14}{'N':>5}{'Mpx':>7}{'Mpx/s':>9}{'vs softmax':>12}{'vs tm ECE':>11}"
-          f"{'peak MB':>10}{'extra MB':>10}")
-    for n in args.n:
-        for method in args.methods:
-            r = rows[(method, n)]
-            sm = rows.get(("softmax+max", n))
-            tm = rows.get(("torchmetrics", n))
-            vs_sm = f"{r['mpx_s'] / sm['mpx_s']:.2f}x" if sm else "-"
-            vs_tm = f"{r['mpx_s'] / tm['mpx_s']:.2f}x" if tm else "-"
-            print(f"{method:<14}{n:>5}{n * H * W / 1e6:>7.1f}{r['mpx_s']:>9.2f}{vs_sm:>12}{vs_tm:>11}"
-                  f"{r['peak_mb']:>10.0f}{r['extra_mb']:>10.0f}")
+    for t in args.threads:
+        for n in args.n:
+            for method in args.methods:
+                res = subprocess.run([sys.executable, __file__, "--child", method, str(n), "--repeats",
+                                      str(args.repeats), "--threads", str(t)],
+                                     capture_output=True, text=True, check=True)
+                r = json.loads(res.stdout.strip().splitlines()[-1])
+                r["mpx_s"] = n * H * W / r["seconds"] / 1e6
+                rows[(t, method, n)] = r
+    load1 = os.getloadavg()
+    print(f"load average after: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+    print(f"{'thr':>3} {'method':<14}{'N':>5}{'Mpx':>7}{'Mpx/s':>9}{'vs softmax':>12}{'vs tm probs':>13}"
+          f"{'vs tm logits':>14}{'peak MB':>10}{'extra MB':>10}")
+    for t in args.threads:
+        for n in args.n:
+            for method in args.methods:
+                r = rows[(t, method, n)]
+
+                def ratio(ref: str, r: dict = r, t: int = t, n: int = n) -> str:
+                    base = rows.get((t, ref, n))
+                    return f"{r['mpx_s'] / base['mpx_s']:.2f}x" if base else "-"
+
+                print(f"{t:>3} {method:<14}{n:>5}{n * H * W / 1e6:>7.1f}{r['mpx_s']:>9.2f}"
+                      f"{ratio('softmax+max'):>12}{ratio('tm-probs'):>13}{ratio('tm-logits'):>14}"
+                      f"{r['peak_mb']:>10.0f}{r['extra_mb']:>10.0f}")
 
 
 if __name__ == "__main__":
