@@ -3,6 +3,8 @@
 Methods, each fed N images of realistic 11 x 360 x 480 float32 logits in batches of 4:
   softmax+max   bare ``softmax(1).max(1)`` pass: the floor every metric pays
   segcal        ``CalibrationMetrics`` full suite (ece, mce, ace, cw_ece, nll, brier, oe, miou, image_ece)
+  segcal-fused  the full suite with ``SEGCAL_FUSED=1`` (fused C++ classwise kernel, threads over rows; states
+                bit-identical to ``segcal``; built before the timed region, cached in ~/.cache/segcal/ext)
   segcal-no-cw  the same with ``classwise=False`` (everything but cw_ece)
   tm-probs      torchmetrics ``MulticlassCalibrationError`` (ECE only; keeps every pixel's confidence) fed
                 PROBABILITIES, as its docs use it: the softmax is computed before the timed region, so the anchor
@@ -32,7 +34,7 @@ import sys
 import time
 
 C, H, W, BATCH, POOL = 11, 360, 480, 4, 4
-METHODS = ["softmax+max", "segcal", "segcal-no-cw", "tm-probs", "tm-logits", "netcal"]
+METHODS = ["softmax+max", "segcal", "segcal-fused", "segcal-no-cw", "tm-probs", "tm-logits", "netcal"]
 
 
 def _pool(seed: int = 0):
@@ -63,10 +65,10 @@ def _run_once(method: str, pool, n_images: int) -> float:
     if method == "softmax+max":
         for logits, _ in batches:
             torch.softmax(logits, 1).max(1)
-    elif method in ("segcal", "segcal-no-cw"):
+    elif method in ("segcal", "segcal-fused", "segcal-no-cw"):
         from segcal.metrics import CalibrationMetrics
 
-        m = CalibrationMetrics(C, classwise=method == "segcal")
+        m = CalibrationMetrics(C, classwise=method != "segcal-no-cw")
         for logits, target in batches:
             m.update(logits, target)
         m.compute()
@@ -97,6 +99,12 @@ def _child(method: str, n_images: int, repeats: int, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    if method == "segcal-fused":
+        os.environ["SEGCAL_FUSED"] = "1"
+        from segcal.metrics import _fused
+
+        if not _fused.available():
+            raise SystemExit("segcal-fused: no C++ toolchain")
     import netcal.metrics  # noqa: F401  (imports outside the timed region)
     import torchmetrics.classification  # noqa: F401
 

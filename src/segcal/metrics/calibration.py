@@ -16,6 +16,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from segcal._checks import check_dense_scores, check_logits_target, check_target
+from segcal.metrics import _fused
 from segcal.metrics._binning import (
     IMAGE_SCALE,
     ace_fine_edges,
@@ -186,8 +187,12 @@ def _dense_chunk(x: Tensor, y: Tensor, valid: Tensor, cfg: _CalibrationConfig, s
     st.p_y[i, r] = p.gather(1, y.unsqueeze(1)).squeeze(1)
     buf = None
     if st.cw_rows is not None:
-        buf = p * torch.where(valid, float(cfg.n_bins), 0.0).to(p.dtype).unsqueeze(1)
-        st.cw_rows[i, :, r] = _classwise_rows(buf, cfg.n_bins)
+        weight = torch.where(valid, float(cfg.n_bins), 0.0).to(p.dtype)
+        rows = _fused.classwise_rows(p, weight, cfg.n_bins)  # None unless SEGCAL_FUSED=1 on a CPU float32 batch
+        if rows is None:
+            buf = p * weight.unsqueeze(1)
+            rows = _classwise_rows(buf, cfg.n_bins)
+        st.cw_rows[i, :, r] = rows
     st.sumsq[i, r] = torch.mul(p, p, out=buf).sum(1) if buf is not None else (p * p).sum(1)
 
 
