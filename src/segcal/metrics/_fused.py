@@ -1,10 +1,13 @@
-"""Optional fused CPU kernel for the classwise-ECE row histograms (the costliest step of ``CalibrationMetrics.update``).
+"""Optional fused CPU kernel for the dense step of ``CalibrationMetrics.update`` (top label and classwise rows).
 
-The pure-PyTorch step (``calibration._classwise_rows``) multiplies the probabilities by ``n`` (0 on invalid pixels),
-takes the slot ``ceil(n p)`` and adds ``n p`` into a per-row float32 histogram with ``index_add_`` (a serial loop in
-element order). This kernel does the same IEEE float32 operations in the same order inside each row, in one read of
-the probabilities and with rows spread over torch's intra-op threads (``at::parallel_for``), so its result is
-**bit-identical** to the fallback (tested) and it uses every thread torch is allowed.
+After the softmax (kept in PyTorch), one pass over each image row's C probabilities gives the top-label
+confidence, the first argmax and ``p_y`` (exact operations) and the classwise-ECE row histograms, the costliest
+step of the update. The pure-PyTorch step (``calibration._classwise_rows``) multiplies the probabilities by ``n``
+(0 on invalid pixels), takes the slot ``ceil(n p)`` and adds ``n p`` into a per-row float32 histogram with
+``index_add_`` (a serial loop in element order). This kernel does the same IEEE float32 operations in the same
+order inside each row, in one read of the probabilities and with image rows spread over torch's intra-op threads
+(``at::parallel_for``), so its results are **bit-identical** to the fallback (tested) and it uses every thread torch
+is allowed.
 
 Opt-in with ``SEGCAL_FUSED=1`` (the first use compiles it with ``torch.utils.cpp_extension.load_inline`` into a
 cache folder, ``SEGCAL_EXT_DIR`` or ``~/.cache/segcal/ext``, which takes one to three minutes; later processes load
@@ -27,32 +30,53 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
-#include <vector>
+#include <tuple>
 
-// p: (N, C, H, W) float32 contiguous; weight: (N, H, W) float32 contiguous (n on valid pixels, 0 elsewhere).
-// out: (N, C, H, n + 1) float32, out[i, c, h, s] = sum over w (in order) of p*weight where ceil(p*weight) == s.
-torch::Tensor classwise_rows(torch::Tensor p, torch::Tensor weight, int64_t n) {
+// p: (N, C, H, W) float32; y: (N, H, W) int64 labels in [0, C); weight: (N, H, W) float32 (n on valid pixels, else 0).
+// Per pixel: conf = max_k p_k, pred = first k attaining it, p_y = p[y]. If classwise: rows (N, C, H, n + 1) float32,
+// rows[i, c, h, s] = sum over w (in order) of p*weight where ceil(p*weight) == s (the index_add_ order per row).
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> dense_stats(
+    torch::Tensor p, torch::Tensor y, torch::Tensor weight, int64_t n, bool classwise) {
   TORCH_CHECK(p.dtype() == torch::kFloat32 && weight.dtype() == torch::kFloat32, "float32 expected");
-  TORCH_CHECK(p.is_contiguous() && weight.is_contiguous(), "contiguous tensors expected");
+  TORCH_CHECK(y.dtype() == torch::kInt64, "int64 labels expected");
+  TORCH_CHECK(p.is_contiguous() && weight.is_contiguous() && y.is_contiguous(), "contiguous tensors expected");
   const int64_t N = p.size(0), C = p.size(1), H = p.size(2), W = p.size(3), S = n + 1;
-  auto out = torch::zeros({N, C, H, S}, p.options());
+  auto conf = torch::empty({N, H, W}, p.options());
+  auto pred = torch::empty({N, H, W}, p.options().dtype(torch::kInt32));
+  auto p_y = torch::empty({N, H, W}, p.options());
+  auto rows = classwise ? torch::zeros({N, C, H, S}, p.options()) : torch::empty({0}, p.options());
   const float* pp = p.data_ptr<float>();
+  const int64_t* yy = y.data_ptr<int64_t>();
   const float* ww = weight.data_ptr<float>();
-  float* oo = out.data_ptr<float>();
-  at::parallel_for(0, N * C * H, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t i = r / (C * H), h = r % H;
-      const float* prow = pp + r * W;
-      const float* wrow = ww + (i * H + h) * W;
-      float* acc = oo + r * S;
-      for (int64_t w = 0; w < W; ++w) {
-        const float v = prow[w] * wrow[w];
-        const int64_t s = static_cast<int64_t>(std::ceil(v));
-        acc[s] += v;
+  float* cf = conf.data_ptr<float>();
+  int32_t* pr = pred.data_ptr<int32_t>();
+  float* py = p_y.data_ptr<float>();
+  float* oo = classwise ? rows.data_ptr<float>() : nullptr;
+  at::parallel_for(0, N * H, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {  // r = i * H + h: one image row, all classes
+      const int64_t i = r / H, h = r % H;
+      const int64_t pix = r * W;
+      float* cmax = cf + pix;
+      int32_t* arg = pr + pix;
+      for (int64_t w = 0; w < W; ++w) { cmax[w] = -1.0f; arg[w] = 0; }
+      for (int64_t c = 0; c < C; ++c) {
+        const float* prow = pp + ((i * C + c) * H + h) * W;
+        for (int64_t w = 0; w < W; ++w) {
+          if (prow[w] > cmax[w]) { cmax[w] = prow[w]; arg[w] = static_cast<int32_t>(c); }
+        }
+        if (classwise) {
+          const float* wrow = ww + pix;
+          float* acc = oo + ((i * C + c) * H + h) * S;
+          for (int64_t w = 0; w < W; ++w) {
+            const float v = prow[w] * wrow[w];
+            acc[static_cast<int64_t>(std::ceil(v))] += v;
+          }
+        }
       }
+      for (int64_t w = 0; w < W; ++w) py[pix + w] = pp[((i * C + yy[pix + w]) * H + h) * W + w];
     }
   });
-  return out;
+  return std::make_tuple(conf, pred, p_y, rows);
 }
 """
 
@@ -67,9 +91,9 @@ def _load() -> Any:
     try:
         from torch.utils.cpp_extension import load_inline
 
-        folder = Path(os.environ.get("SEGCAL_EXT_DIR", Path.home() / ".cache" / "segcal" / "ext")) / "fused_v1"
+        folder = Path(os.environ.get("SEGCAL_EXT_DIR", Path.home() / ".cache" / "segcal" / "ext")) / "fused_v2"
         folder.mkdir(parents=True, exist_ok=True)
-        _module = load_inline(name="segcal_fused_v1", cpp_sources=[_SOURCE], functions=["classwise_rows"],
+        _module = load_inline(name="segcal_fused_v2", cpp_sources=[_SOURCE], functions=["dense_stats"],
                               extra_cflags=["-O2", "-ffp-contract=off"], build_directory=str(folder),
                               verbose=False)
     except Exception as err:  # no compiler / ninja / headers: the PyTorch step is always correct
@@ -90,11 +114,17 @@ def available() -> bool:
     return _load() is not None
 
 
-def classwise_rows(p: Tensor, weight: Tensor, n: int) -> Tensor | None:
-    """Fused twin of ``calibration._classwise_rows(p * weight, n)``; ``None`` when it does not apply here."""
+def dense_stats(p: Tensor, y: Tensor, weight: Tensor | None, n: int) -> tuple[Tensor, ...] | None:
+    """Fused twin of the dense chunk step: ``(conf, pred, p_y, rows)`` with ``rows`` the classwise row histogram
+    of ``p * weight`` (``weight=None``: no classwise rows, an empty tensor). ``None`` when it does not apply here.
+
+    ``conf`` (max), ``pred`` (first argmax) and ``p_y`` (gather) are exact operations, and the rows repeat the
+    PyTorch step's float32 products and per-row addition order, so every result is bit-identical to it.
+    """
     if p.device.type != "cpu" or p.dtype != torch.float32 or not enabled():
         return None
     mod = _load()
     if mod is None:
         return None
-    return mod.classwise_rows(p.contiguous(), weight.contiguous(), int(n))
+    w = weight.contiguous() if weight is not None else p.new_zeros(p.shape[0], p.shape[2], p.shape[3])
+    return mod.dense_stats(p.contiguous(), y.contiguous(), w, int(n), weight is not None)

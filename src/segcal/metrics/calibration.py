@@ -181,18 +181,22 @@ def _dense_chunk(x: Tensor, y: Tensor, valid: Tensor, cfg: _CalibrationConfig, s
     i, r = at
     # argmax of the probabilities, as every calibration library does (saves a reduction over the logits).
     p = torch.softmax(x, 1) if cfg.input == "logits" else x
-    conf = p.amax(1)
-    st.conf[i, r] = conf
-    st.pred[i, r] = _first_argmax(p, conf)
-    st.p_y[i, r] = p.gather(1, y.unsqueeze(1)).squeeze(1)
+    weight = torch.where(valid, float(cfg.n_bins), 0.0).to(p.dtype) if st.cw_rows is not None else None
+    # One C++ pass (SEGCAL_FUSED=1, CPU float32) or the PyTorch ops below: bit-identical results.
+    fused = _fused.dense_stats(p, y, weight, cfg.n_bins)
     buf = None
-    if st.cw_rows is not None:
-        weight = torch.where(valid, float(cfg.n_bins), 0.0).to(p.dtype)
-        rows = _fused.classwise_rows(p, weight, cfg.n_bins)  # None unless SEGCAL_FUSED=1 on a CPU float32 batch
-        if rows is None:
+    if fused is not None:
+        st.conf[i, r], st.pred[i, r], st.p_y[i, r], rows = fused
+        if st.cw_rows is not None:
+            st.cw_rows[i, :, r] = rows
+    else:
+        conf = p.amax(1)
+        st.conf[i, r] = conf
+        st.pred[i, r] = _first_argmax(p, conf)
+        st.p_y[i, r] = p.gather(1, y.unsqueeze(1)).squeeze(1)
+        if weight is not None:
             buf = p * weight.unsqueeze(1)
-            rows = _classwise_rows(buf, cfg.n_bins)
-        st.cw_rows[i, :, r] = rows
+            st.cw_rows[i, :, r] = _classwise_rows(buf, cfg.n_bins)
     st.sumsq[i, r] = torch.mul(p, p, out=buf).sum(1) if buf is not None else (p * p).sum(1)
 
 
