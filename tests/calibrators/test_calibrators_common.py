@@ -436,3 +436,27 @@ def test_selective_base_survives_a_detector_that_flags_every_pixel() -> None:
     assert 0 < len(sel.base_images_) < len(z)
     assert sel.base_.temperature_ == pytest.approx(ref.temperature_, rel=1e-6)
     torch.testing.assert_close(sel.transform(z), z / sel.temperature_mis_)  # every pixel is flagged
+
+
+def test_installed_plugins_register_through_entry_points(monkeypatch) -> None:
+    from segcal import _estimator
+
+    class FakeEntryPoint:
+        def __init__(self, name: str, load) -> None:
+            self.name, self.value, self.load = name, f"plugin_pkg:{name}", load
+
+    def load_plugin():  # what importing a plugin module does: define (and thereby register) its class
+        class PluginScaling(TemperatureScaling):
+            name = "plugin-ts"
+        return PluginScaling
+
+    def broken():
+        raise ImportError("missing dependency")
+
+    groups = {"segcal.calibrators": [FakeEntryPoint("plugin-ts", load_plugin), FakeEntryPoint("bad", broken)]}
+    monkeypatch.setattr(_estimator.metadata, "entry_points", lambda group: groups.get(group, []))
+    monkeypatch.setattr(CALIBRATORS, "_classes", dict(CALIBRATORS._classes))  # restored after the test
+    monkeypatch.setattr(CALIBRATORS, "_plugins_loaded", False)
+    with pytest.warns(UserWarning, match="could not load calibrator plugin 'bad'"):
+        cal = get_calibrator("Plugin_TS")
+    assert type(cal).__name__ == "PluginScaling" and "plugin-ts" in CALIBRATORS
