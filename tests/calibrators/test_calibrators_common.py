@@ -73,6 +73,9 @@ def assert_same_state(a: Calibrator, b: Calibrator, atol: float = 0.0) -> None:
             torch.testing.assert_close(va, vb, atol=atol, rtol=0, msg=k)
         elif isinstance(va, float):
             assert va == pytest.approx(vb, abs=atol, rel=0), k
+        elif isinstance(va, Calibrator):
+            assert type(va) is type(vb), k
+            assert_same_state(va, vb, atol)
         elif not isinstance(va, dict):
             assert va == vb, k
 
@@ -387,14 +390,26 @@ def test_dummy_calibrator_reaches_segcal_fit(tmp_path) -> None:
     assert type(cal) is DummyCalibrator and cal.shift == 3 and cal.is_fitted()
 
 
-@pytest.mark.parametrize("base", [None, TemperatureScaling(), IsotonicCalibration()])
+@pytest.mark.parametrize("base", [None, TemperatureScaling(), IsotonicCalibration(), "isotonic"])
 def test_selective_composes_any_calibrator_through_public_api(base) -> None:
     z, y, _ = data(13, n=8)
     sel = make("selective", base=base).fit(z, y)
     out = sel.transform(z)
     assert torch.equal(out.argmax(1), z.argmax(1)) and torch.isfinite(out).all()
-    if base is not None:
+    if base is None:  # the paper's form: unflagged pixels untouched
+        kept = (sel.misprediction_proba(z) <= sel.threshold)[:, None].expand_as(z)
+        torch.testing.assert_close(out[kept], z[kept])
+    elif isinstance(base, str):
+        assert type(sel.base_) is IsotonicCalibration and sel.base == "isotonic"
+    else:
         assert type(sel.base_) is type(base) and sel.base_ is not base and not base.is_fitted()
+
+
+def test_selective_default_base_is_temperature_scaling() -> None:
+    # measured on ESPNet-CamVid (docs/calibrators.md): base=TS 0.82x TS's test ECE, the paper's identity 1.7x
+    assert SelectiveScaling().base == "ts"
+    z, y, _ = data(16, n=8)
+    assert type(make("selective").fit(z, y).base_) is TemperatureScaling
 
 
 class SpyTemperatureScaling(TemperatureScaling):

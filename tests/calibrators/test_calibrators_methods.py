@@ -223,7 +223,7 @@ def test_selective_reduces_ece_and_keeps_argmax() -> None:
 
 def test_selective_mis_temperature_override_and_base_composition() -> None:
     z, y, _ = _detectable_errors(12, n=6)
-    fixed = SelectiveScaling(mis_temperature=3.0, epochs=2, max_pixels=3000).fit(z, y)
+    fixed = SelectiveScaling(None, mis_temperature=3.0, epochs=2, max_pixels=3000).fit(z, y)  # paper form
     assert fixed.temperature_mis_ == 3.0
     flagged = (fixed.misprediction_proba(z) > 0.5)[:, None].expand_as(z)
     out = fixed.transform(z)

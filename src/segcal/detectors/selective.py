@@ -16,7 +16,8 @@ class SelectiveDetector(Detector):
 
     Built from a fitted ``segcal.calibrators.SelectiveScaling`` (ready to score, no fit needed), or :meth:`fit` fits
     one itself — a clone of ``calibrator`` when an unfitted one is given as a template, else
-    ``SelectiveScaling(ignore_index=ignore_index)``. ``segcal.calibrators`` is imported only then, so the detectors
+    ``SelectiveScaling(base=None, ignore_index=ignore_index)`` (the score does not depend on ``base``).
+    ``segcal.calibrators`` is imported only then, so the detectors
     package does not depend on it at import time.
 
     Args:
@@ -59,7 +60,7 @@ class SelectiveDetector(Detector):
         else:
             from segcal.calibrators import SelectiveScaling  # lazy: optional sibling package
 
-            cal = SelectiveScaling(ignore_index=self.ignore_index)
+            cal = SelectiveScaling(base=None, ignore_index=self.ignore_index)
         self.calibrator_ = cal.fit(batches)
         return self
 
