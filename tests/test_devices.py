@@ -34,6 +34,8 @@ from segcal.metrics import (
 from segcal.metrics.detection import _error_bounds, _hist2, _rank_metrics, _score_key
 
 C, H, W = 4, 12, 12
+# The calibrators run with a few iterations on purpose (speed); their not-converged warning is expected here.
+pytestmark = pytest.mark.filterwarnings("ignore::segcal.calibrators.ConvergenceWarning")
 
 
 def _data(seed: int = 0, n: int = 4):
