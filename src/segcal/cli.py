@@ -344,18 +344,17 @@ def _add_detect(p: argparse.ArgumentParser) -> None:
 def load_detector(name: str, model: Any, path: str | None) -> Any:
     """A ready detector: from ``path`` (a fitted detector, or a calibrator the detector is built on), else the fit
     shipped for ``model``, else a fresh one — which must not need fitting."""
-    from segcal.detectors import DETECTORS, get_detector
-    from segcal.engine.protocol import _registry_key
+    from segcal.detectors import DETECTORS, Detector, get_detector
 
     if path:
-        from segcal._estimator import load_estimator
+        from segcal._estimator import Estimator
 
-        obj = load_estimator(path)
-        if getattr(obj, "score", None) is not None:
+        obj = Estimator.load(path)
+        if isinstance(obj, Detector):
             return obj
         return get_detector(name, calibrator=obj)
-    cls = DETECTORS[_registry_key(DETECTORS, name)]
-    if getattr(cls, "requires_fit", False):
+    cls = DETECTORS.resolve(name)
+    if cls.requires_fit:
         shipped = cls.pretrained(str(getattr(model, "name", "")))
         if shipped is None:
             raise ValueError(f"detector {name!r} must be fitted first: `segcal fit --detector {name} --logits STORE "

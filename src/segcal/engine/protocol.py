@@ -342,7 +342,7 @@ def make_detectors(names: Sequence[str], model_name: str, model_has_features: bo
     for name in names:
         det = None
         if cfg.pretrained_detectors:
-            det = DETECTORS[_registry_key(DETECTORS, name)].pretrained(model_name)
+            det = DETECTORS.resolve(name).pretrained(model_name)
         if det is None:
             det = get_detector(name, **{"ignore_index": ignore_index, **cfg.method_kwargs.get(name, {})})
         if _needs(det, "needs_features") and not model_has_features:
@@ -352,22 +352,12 @@ def make_detectors(names: Sequence[str], model_name: str, model_has_features: bo
     return out
 
 
-def _registry_key(registry: dict[str, Any], name: str) -> str:
-    from segcal._estimator import normalize_name
-
-    key = normalize_name(name)
-    for k, cls in registry.items():
-        if normalize_name(k) == key or normalize_name(cls.__name__) == key:
-            return k
-    raise ValueError(f"unknown method {name!r}; known: {sorted(registry)}")
-
-
 def fit_detectors(detectors: dict[str, Any], store: LogitsStore, dataset: Any, cfg: BenchmarkConfig
                   ) -> dict[str, float]:
     """Fit the detectors that learn (``requires_fit`` and not already fitted) on the fit split's store."""
     times = {}
     for name, det in detectors.items():
-        if not _needs(det, "requires_fit") or _is_fitted(det):
+        if not _needs(det, "requires_fit") or det.is_fitted():
             continue
         source = store_source(store, cfg, dataset=dataset, images=_needs(det, "needs_images"),
                               features=_needs(det, "needs_features"))
@@ -377,16 +367,6 @@ def fit_detectors(detectors: dict[str, Any], store: LogitsStore, dataset: Any, c
         times[name] = time.perf_counter() - start
         _stage(f"fitted detector {name} in {times[name]:.1f} s")
     return times
-
-
-def _is_fitted(est: Any) -> bool:
-    from segcal._estimator import NotFittedError, check_is_fitted
-
-    try:
-        check_is_fitted(est)
-    except NotFittedError:
-        return False
-    return True
 
 
 def _score(det: Any, logits: Tensor, features: Tensor | None, images: Tensor | None) -> Tensor:
