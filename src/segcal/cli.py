@@ -197,6 +197,7 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="val", help="split of --data to run on (default val)")
     p.add_argument("--images", help="a flat image folder instead of --data")
     p.add_argument("--labels", help="label folder matching --images (optional)")
+    p.add_argument("--n-images", type=int, default=None, help="evenly spaced images of the split (default: all)")
     p.add_argument("--out", required=True, help="logits store directory (resumed if it exists)")
     p.add_argument("--features", action="store_true", help="also store decoder features (for FlowEneDet-C)")
     p.add_argument("--batch-size", type=int, default=4)
@@ -208,8 +209,10 @@ def _predict_dataset(args: argparse.Namespace) -> Any:
     from segcal import data
 
     if args.images:
-        return data.SegmentationFolder(args.images, labels=args.labels, ignore_index=args.ignore_index)
-    return data.load_dataset(args.data, args.split, ignore_index=args.ignore_index)
+        dataset = data.SegmentationFolder(args.images, labels=args.labels, ignore_index=args.ignore_index)
+    else:
+        dataset = data.load_dataset(args.data, args.split, ignore_index=args.ignore_index)
+    return data.Subset.evenly_spaced(dataset, args.n_images) if args.n_images else dataset
 
 
 def _run_predict(args: argparse.Namespace) -> int:
@@ -337,6 +340,7 @@ def _add_detect(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", help="folder of images (any size)")
     p.add_argument("--data", default=None, metavar="SPEC", help="instead of --images: a dataset spec …")
     p.add_argument("--split", default="test", help="… and its split (labels not needed)")
+    p.add_argument("--n-images", type=int, default=None, help="with --data: evenly spaced images (default: all)")
     p.add_argument("--ignore-index", type=_ignore_index, default=255, metavar="N|none")
     p.add_argument("--out", required=True, help="output folder: <stem>.npy float16 score maps (H, W)")
 
@@ -368,17 +372,16 @@ def _run_detect(args: argparse.Namespace) -> int:
 
     model = _model(args)
     detector = load_detector(args.detector, model, args.detector_file)
-    images = args.images
-    if not images:
+    source: Any = args.images
+    if not source:
         if not args.data:
             raise ValueError("give --images DIR or --data SPEC [--split S]")
-        from segcal.data import load_dataset
+        from segcal.data import Subset, load_dataset
 
-        dataset = load_dataset(args.data, args.split, ignore_index=args.ignore_index)
-        images = getattr(dataset, "image_dir", None)
-        if images is None:
-            raise ValueError(f"data {args.data!r} has no image folder for split {args.split!r}; use --images DIR")
-    paths = detect_folder(model, detector, images, args.out)
+        source = load_dataset(args.data, args.split, ignore_index=args.ignore_index)
+        if args.n_images:
+            source = Subset.evenly_spaced(source, args.n_images)
+    paths = detect_folder(model, detector, source, args.out)
     log.info("%d score maps in %s", len(paths), args.out)
     return 0
 
