@@ -244,14 +244,12 @@ def _metric(store: LogitsStore, cfg: BenchmarkConfig, **kwargs: Any) -> Calibrat
 
 
 def _image_states(store: LogitsStore, cfg: BenchmarkConfig) -> Any:
-    """Per-image histograms for the paired bootstrap (None when the collector is not available)."""
+    """Per-image histograms for the paired bootstrap over images (None when disabled)."""
     if cfg.bootstrap_resamples <= 0:
         return None
-    try:
-        from segcal.metrics import PerImageCalibrationStates
-    except ImportError:
-        return None
-    return PerImageCalibrationStates(store.num_classes, n_bins=cfg.n_bins, ignore_index=store.ignore_index)
+    from segcal.metrics import PerImageCalibrationStats
+
+    return PerImageCalibrationStats(store.num_classes, n_bins=cfg.n_bins, ignore_index=store.ignore_index)
 
 
 def evaluate_calibrators_on_sets(store: LogitsStore, dataset: Any, calibrators: dict[str, Any],
