@@ -1,6 +1,7 @@
-"""One progress policy for every long loop: a bar on a terminal, a plain line every few seconds elsewhere.
+"""One progress policy for every long loop: a bar on a terminal, a plain line every 15 s elsewhere.
 
-Bars and lines go to stderr; setting the ``segcal`` logger quieter than INFO (``segcal -q``) silences both. CI logs get periodic lines instead of thousands of carriage returns.
+Bars and lines go to stderr; setting the ``segcal`` logger quieter than INFO (``segcal -q``) silences both.
+CI logs get periodic lines instead of thousands of carriage returns.
 """
 
 from __future__ import annotations

@@ -251,15 +251,13 @@ def _run_fit(args: argparse.Namespace) -> int:
 
     rank, world = _dist_init()
     store = LogitsStore(args.logits)
-    kwargs = {"ignore_index": store.ignore_index, **_key_values(args.arg)}
+    from segcal.engine.protocol import build_method
+
     if args.calibrator:
-        from segcal.calibrators import get_calibrator
-
-        est = get_calibrator(args.calibrator, **kwargs)
+        from segcal.calibrators import CALIBRATORS as registry
     else:
-        from segcal.detectors import get_detector
-
-        est = get_detector(args.detector, **kwargs)
+        from segcal.detectors import DETECTORS as registry
+    est = build_method(registry, args.calibrator or args.detector, store.ignore_index, _key_values(args.arg))
     needs_images = bool(getattr(est, "needs_images", False))
     needs_features = bool(getattr(est, "needs_features", False))
     if needs_features and not store.has_features:

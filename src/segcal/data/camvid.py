@@ -86,6 +86,11 @@ class CamVid:
     num_classes: ClassVar[int] = len(CAMVID_CLASSES)
     palette: ClassVar[np.ndarray] = CAMVID_PALETTE
     dataset_name: ClassVar[str] = "CamVid"
+    #: what the protocol (segcal.engine.protocol) reads from a dataset: the model published for it, the models
+    #: evaluated on it as a shift case, and the drivable-ground classes pasted anomalies stand on (Road, Pavement)
+    default_model: ClassVar[str] = "espnet-camvid"
+    shift_models: ClassVar[tuple[str, ...]] = ("espnet-cityscapes",)
+    ground_classes: ClassVar[tuple[int, ...]] = (CAMVID_CLASSES.index("Road"), CAMVID_CLASSES.index("Pavement"))
 
     def __init__(self, root: str | os.PathLike | None = None, split: str = "val",
                  sequences: Sequence[str] | None = None, ignore_index: int = 255) -> None:

@@ -55,6 +55,8 @@ class SyntheticSplit(Subset):
 
     dataset_name = "synthetic"
     synthetic = True
+    #: an ESPNet trained from scratch on the synthetic train split (cached), see segcal.engine.protocol
+    default_model = "segcal.engine.protocol:synthetic_espnet"
 
     def __init__(self, dataset: Any, indices: range, split: str, ignore_index: int | None) -> None:
         super().__init__(dataset, indices)

@@ -45,7 +45,7 @@ VERSION = 1
 MANIFEST = "manifest.json"
 #: Manifest keys that must match for :meth:`LogitsStore.create` to resume an existing store.
 IDENTITY_KEYS = ("model", "model_fingerprint", "dataset", "split", "num_classes", "class_names", "ignore_index",
-                 "features")
+                 "features", "logits_dtype")
 _FLOAT16_MAX = 65504.0
 
 
@@ -225,7 +225,8 @@ class LogitsStore:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
         store = cls(root, verify=verify)
-        existing = {"ignore_index": 255, **store._header}  # stores written before ignore_index was recorded
+        # stores written before ignore_index / logits_dtype were recorded
+        existing = {"ignore_index": 255, "logits_dtype": "float16", **store._header}
         diffs = [k for k in IDENTITY_KEYS if k in header and existing.get(k) != header.get(k)]
         if diffs:
             detail = "; ".join(f"{k}: store has {existing.get(k)!r}, requested {header.get(k)!r}" for k in diffs)
@@ -245,7 +246,8 @@ class LogitsStore:
 
         Args:
             name: image name (unique within the store).
-            logits: (C, H, W) float scores; stored as float16.
+            logits: (C, H, W) float scores; stored as float16, or float32 when the manifest says
+                ``"logits_dtype": "float32"``.
             target: (H, W) integer labels or None.
             features: (F, h, w) decoder features or None; required iff the store was created with features.
 
@@ -265,9 +267,10 @@ class LogitsStore:
             raise TypeError(f"`logits` for image '{name}' must be floating, got {logits.dtype}")
         if not torch.isfinite(logits).all():
             raise ValueError(f"model output for image '{name}' contains NaN or inf logits")
-        if logits.abs().max() > _FLOAT16_MAX:
+        exact = self.logits_dtype == "float32"
+        if not exact and logits.abs().max() > _FLOAT16_MAX:
             raise ValueError(f"logits for image '{name}' exceed the float16 range (|x| > {_FLOAT16_MAX})")
-        arrays = {"logits": logits.to(torch.float16).numpy()}
+        arrays = {"logits": logits.to(torch.float32 if exact else torch.float16).numpy()}
         if target is not None:
             target = _to_tensor(target, "target").detach().cpu()
             if target.is_floating_point() or target.dtype == torch.bool:
@@ -440,6 +443,11 @@ class LogitsStore:
     def class_names(self) -> list[str] | None:
         """The C class names recorded by the writer, or None."""
         return self._header.get("class_names")
+
+    @property
+    def logits_dtype(self) -> str:
+        """How logits are kept: ``"float16"`` (default, half the disk) or ``"float32"`` (exact metrics)."""
+        return str(self._header.get("logits_dtype", "float16"))
 
     @property
     def ignore_index(self) -> int | None:

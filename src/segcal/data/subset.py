@@ -38,7 +38,8 @@ class Subset:
         self.indices = [normalize_index(i, len(dataset), type(self).__name__) for i in indices]
         names = getattr(dataset, "names", None)
         self.names = [names[i] for i in self.indices] if names is not None else None
-        for attr in ("class_names", "num_classes", "ignore_index", "split"):
+        for attr in ("class_names", "num_classes", "ignore_index", "split", "dataset_name", "palette",
+                     "default_model", "shift_models", "ground_classes"):
             if hasattr(dataset, attr):
                 setattr(self, attr, getattr(dataset, attr))
 

@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from segcal._io import atomic_write_text
+from segcal._progress import progress_bar
 from segcal.data.folder import SegmentationFolder
 
 #: Sidecar in the output folder: for every map, the key (detector, model, input image) it was computed with.
@@ -64,7 +65,7 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
         raise
 
 
-def detect_folder(model: Any, detector: Any, images: str | os.PathLike, out: str | os.PathLike, *,
+def detect_folder(model: Any, detector: Any, images: str | os.PathLike | Any, out: str | os.PathLike, *,
                   progress: bool = True) -> list[Path]:
     """Write ``out/<stem>.npy`` (float16, higher = more anomalous) for every image in ``images``.
 
@@ -79,17 +80,17 @@ def detect_folder(model: Any, detector: Any, images: str | os.PathLike, out: str
     Args:
         model: a :class:`~segcal.models.Segmenter`.
         detector: anything with ``score(logits (1,C,H,W), features=None) -> (1,H,W)`` (see :mod:`segcal.detectors`).
-        images: folder of RGB images.
+        images: folder of RGB images, or a dataset (e.g. from :func:`segcal.data.load_dataset`; labels unused).
         out: output folder (created).
         progress: show a progress bar.
 
     Returns:
         Paths of all score maps (written now or before).
     """
-    dataset = SegmentationFolder(images)
+    dataset = SegmentationFolder(images) if isinstance(images, (str, os.PathLike)) else images
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    wants_features = bool(getattr(detector, "needs_features", False) or getattr(detector, "variant", "") == "c")
+    wants_features = bool(getattr(detector, "needs_features", False))
     from segcal.engine.inference import model_fingerprint
 
     run_key = {"detector": f"{type(detector).__qualname__}:{detector_key(detector)}",
@@ -104,7 +105,9 @@ def detect_folder(model: Any, detector: Any, images: str | os.PathLike, out: str
             index = {}
     image_paths = getattr(dataset, "_images", {})
     written = []
-    for i in tqdm(range(len(dataset)), desc="detect", unit="img", disable=not progress):
+    bar = progress_bar(len(dataset), "detect", progress)
+    for i in range(len(dataset)):
+        bar.update(1)
         name = dataset.names[i]
         path = out_dir / f"{name}.npy"
         written.append(path)
@@ -129,16 +132,6 @@ def detect_folder(model: Any, detector: Any, images: str | os.PathLike, out: str
                              f"{image.shape[:2]}")
         _atomic_save_npy(path, score.numpy().astype(np.float16))
         index[name] = key
-        _atomic_write_text(index_path, json.dumps(index, sort_keys=True))
+        atomic_write_text(index_path, json.dumps(index, sort_keys=True))
+    bar.close()
     return written
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -55,7 +55,7 @@ def calibration_summary(metric: CalibrationMetrics) -> dict[str, Any]:
     values = metric.compute()
     out: dict[str, Any] = {k: to_jsonable(v) for k, v in values.items()}
     rel = metric.reliability()
-    out["reliability"] = {"edges": to_jsonable(rel["edges"]), "counts": to_jsonable(rel["count"]),
+    out["reliability"] = {"edges": to_jsonable(rel["edges"]), "count": to_jsonable(rel["count"]),
                           "confidence": to_jsonable(rel["confidence"]), "accuracy": to_jsonable(rel["accuracy"])}
     return out
 

@@ -165,7 +165,7 @@ def _check_sample(s: Any, index: int) -> None:
 
 def predict(segmenter: Any, dataset: Any, store_path: str | os.PathLike, batch_size: int = 4,
             features: bool = False, progress: bool = True, rank: int | None = None,
-            world_size: int | None = None) -> LogitsStore:
+            world_size: int | None = None, logits_dtype: str = "float16") -> LogitsStore:
     """Run ``segmenter`` over ``dataset`` and write (or resume) a logits store.
 
     Finished entries of an earlier, interrupted run are verified (checksum) and skipped; corrupt ones are redone.
@@ -181,6 +181,7 @@ def predict(segmenter: Any, dataset: Any, store_path: str | os.PathLike, batch_s
         features: also store the model's decoder features (float16).
         progress: show a tqdm bar.
         rank, world_size: shard explicitly; default from torch.distributed, else a single process.
+        logits_dtype: ``"float16"`` (half the disk) or ``"float32"`` (metrics equal a direct float32 computation).
 
     Returns:
         The store, re-opened read-only (on every rank, after all ranks finished when distributed).
@@ -214,7 +215,11 @@ def predict(segmenter: Any, dataset: Any, store_path: str | os.PathLike, batch_s
     rank, world_size = dist_info(rank, world_size)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and world_size > 1
 
+    if logits_dtype not in ("float16", "float32"):
+        raise ValueError(f"`logits_dtype` must be 'float16' or 'float32', got {logits_dtype!r}")
     manifest = store_manifest(segmenter, dataset, features)
+    if logits_dtype == "float32":  # float16 stores keep the old manifest, so they still resume
+        manifest["logits_dtype"] = logits_dtype
     store = LogitsStore.create(store_path, manifest, rank=rank)
     names = manifest["order"]
     mine = list(range(rank, len(dataset), world_size))

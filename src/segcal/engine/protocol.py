@@ -93,6 +93,7 @@ class BenchmarkConfig:
         pretrained_detectors: use a detector's shipped fit for this model when it has one.
         method_kwargs: hyperparameters per method name.
         bootstrap_resamples: paired bootstrap resamples over images for the report's claims (0 = none).
+        store_dtype: logits kept as ``float32`` (metrics equal a direct computation from the model) or ``float16``.
     """
 
     out: Path
@@ -119,6 +120,7 @@ class BenchmarkConfig:
     checkpoints: Path | None = None
     method_kwargs: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(BENCHMARK_KWARGS))
     bootstrap_resamples: int = 1000
+    store_dtype: str = "float32"
     batch_size: int = 4
     cache: Path = Path("cache")
     seed: int = 0
@@ -150,11 +152,12 @@ def load_model(cfg: BenchmarkConfig, spec: str) -> Any:
     return models.load(spec, preprocess=cfg.preprocess, device=cfg.device)
 
 
-def make_dataset(cfg: BenchmarkConfig, split: str) -> Any:
-    """A split of the run's data with the run's ``ignore_index``, limited to ``cfg.n_images`` evenly spaced images."""
+def make_dataset(cfg: BenchmarkConfig, split: str, num_classes: int | None = None) -> Any:
+    """A split of the run's data with the run's ``ignore_index``, limited to ``cfg.n_images`` evenly spaced images
+    (``num_classes``: the model's, for data that adapts to it such as the synthetic set)."""
     from segcal.data import load_dataset
 
-    dataset = load_dataset(cfg.data, split, ignore_index=cfg.ignore_index)
+    dataset = load_dataset(cfg.data, split, ignore_index=cfg.ignore_index, num_classes=num_classes)
     return Subset.evenly_spaced(dataset, cfg.n_images) if cfg.n_images is not None else dataset
 
 
@@ -178,12 +181,13 @@ def _slug(text: str) -> str:
 def cached_store(model: Any, spec: str, dataset: Any, split: str, cfg: BenchmarkConfig, features: bool = False,
                  ) -> LogitsStore:
     """Predict (or reuse) the logits store of ``model`` on one split of the run's data."""
-    tag = split if cfg.n_images is None else f"{split}-n{cfg.n_images}"
+    tag = (split if cfg.n_images is None else f"{split}-n{cfg.n_images}") + f"-{cfg.store_dtype}"
     ignore = "none" if cfg.ignore_index is None else str(cfg.ignore_index)
     path = Path(cfg.cache) / "logits" / _slug(spec) / _slug(f"{cfg.data}|ignore={ignore}") / tag
     if features:
         path = path.with_name(path.name + "-features")
-    return predict(model, dataset, path, batch_size=cfg.batch_size, features=features, progress=cfg.progress)
+    return predict(model, dataset, path, batch_size=cfg.batch_size, features=features, progress=cfg.progress,
+                   logits_dtype=cfg.store_dtype)
 
 
 def _model_has_features(model: Any) -> bool:
@@ -208,14 +212,25 @@ def _needs(method: Any, what: str) -> bool:
     return bool(getattr(method, what, False))
 
 
+def build_method(registry: Any, name: str, ignore_index: int | None, kwargs: dict[str, Any] | None = None) -> Any:
+    """An unfitted method from a registry, given the data's ``ignore_index`` when its constructor takes one."""
+    import inspect
+
+    cls = registry.resolve(name)
+    params = dict(kwargs or {})
+    if "ignore_index" in inspect.signature(cls).parameters:
+        params.setdefault("ignore_index", ignore_index)
+    return cls(**params)
+
+
 def fit_calibrators(names: Sequence[str], store: LogitsStore, dataset: Any, cfg: BenchmarkConfig,
                     ) -> tuple[dict[str, Any], dict[str, float]]:
     """Fit each named calibrator on a store. Returns ``{name: fitted}`` and fit times in seconds."""
-    from segcal.calibrators import get_calibrator
+    from segcal.calibrators import CALIBRATORS
 
     fitted, times = {}, {}
     for name in names:
-        cal = get_calibrator(name, **{"ignore_index": store.ignore_index, **cfg.method_kwargs.get(name, {})})
+        cal = build_method(CALIBRATORS, name, store.ignore_index, cfg.method_kwargs.get(name))
         source = store_source(store, cfg, dataset=dataset, images=_needs(cal, "needs_images"))
         torch.manual_seed(cfg.seed)
         start = time.perf_counter()
@@ -334,7 +349,7 @@ def _bootstrap_set(states: dict[str, Any], cfg: BenchmarkConfig) -> dict[str, An
 def make_detectors(names: Sequence[str], model_name: str, model_has_features: bool, ignore_index: int | None,
                    cfg: BenchmarkConfig, skipped: list[dict[str, str]]) -> dict[str, Any]:
     """Unfitted (or shipped, fitted) detectors by name; those the model cannot serve are skipped with a reason."""
-    from segcal.detectors import DETECTORS, get_detector
+    from segcal.detectors import DETECTORS
 
     out: dict[str, Any] = {}
     for name in names:
@@ -342,7 +357,7 @@ def make_detectors(names: Sequence[str], model_name: str, model_has_features: bo
         if cfg.pretrained_detectors:
             det = DETECTORS.resolve(name).pretrained(model_name)
         if det is None:
-            det = get_detector(name, **{"ignore_index": ignore_index, **cfg.method_kwargs.get(name, {})})
+            det = build_method(DETECTORS, name, ignore_index, cfg.method_kwargs.get(name))
         if _needs(det, "needs_features") and not model_has_features:
             _skip(skipped, f"detector {name}", f"model {model_name!r} exposes no decoder features")
             continue
@@ -496,20 +511,20 @@ def evaluate_corruptions(model: Any, test_set: Any, detectors: dict[str, Any], c
     from segcal.data.corruptions import CorruptedDataset
 
     base = Subset.evenly_spaced(test_set, cfg.n_shift_images)
-    clean = _shift_point(model, base, detectors, calibrators, cfg, "clean")
+    ignore = getattr(test_set, "ignore_index", None)
+    clean = _shift_point(model, base, ignore, detectors, calibrators, cfg, "clean")
     out: dict[str, dict[str, dict[str, float]]] = {}
     for corruption in cfg.corruptions:
         out[corruption] = {"0": clean}
         for severity in cfg.severities:
             data = CorruptedDataset(base, corruption, severity, seed=cfg.seed)
-            out[corruption][str(severity)] = _shift_point(model, data, detectors, calibrators, cfg,
+            out[corruption][str(severity)] = _shift_point(model, data, ignore, detectors, calibrators, cfg,
                                                           f"{corruption}-{severity}")
     return out
 
 
-def _shift_point(model: Any, dataset: Any, detectors: dict[str, Any], calibrators: dict[str, Any],
-                 cfg: BenchmarkConfig, desc: str) -> dict[str, float]:
-    ignore = getattr(dataset, "ignore_index", None)
+def _shift_point(model: Any, dataset: Any, ignore: int | None, detectors: dict[str, Any],
+                 calibrators: dict[str, Any], cfg: BenchmarkConfig, desc: str) -> dict[str, float]:
     cal_metrics = {m: CalibrationMetrics(model.num_classes, n_bins=cfg.n_bins, ignore_index=ignore, classwise=False)
                    for m in ("uncalibrated", *calibrators)}
     det_metrics = {d: DetectionMetrics(per_image=False) for d in detectors}
@@ -548,14 +563,13 @@ def _rank_normalise(score: np.ndarray) -> np.ndarray:
 
 
 def class_palette(num_classes: int, dataset: Any = None) -> np.ndarray:
-    """``(C, 3)`` uint8 colours: the dataset's own palette when it declares one, else a fixed, distinct one."""
+    """``(C, 3)`` uint8 colours: the dataset's own palette when it declares one, else the report's default one."""
     palette = getattr(dataset, "palette", None)
     if palette is not None and len(palette) >= num_classes:
         return np.asarray(palette, dtype=np.uint8)[:num_classes]
-    import matplotlib
+    from segcal.report import class_palette as default_palette
 
-    cmap = matplotlib.colormaps["tab20"]
-    return (np.array([cmap(k % 20)[:3] for k in range(num_classes)]) * 255).astype(np.uint8)
+    return np.asarray(default_palette(num_classes), dtype=np.uint8).reshape(num_classes, 3)
 
 
 def _colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
@@ -692,7 +706,7 @@ def _load_run(cfg: BenchmarkConfig, spec: str, features: bool, splits: Sequence[
     model = load_model(cfg, spec)
     run = _Run(model=model, spec=spec)
     for split in splits:
-        run.datasets[split] = make_dataset(cfg, split)
+        run.datasets[split] = make_dataset(cfg, split, int(model.num_classes))
         run.stores[split] = cached_store(model, spec, run.datasets[split], split, cfg, features=features)
     return run
 
@@ -842,7 +856,8 @@ def _config_json(cfg: BenchmarkConfig, cal_names: list[str], det_names: list[str
 
 
 def evaluate_checkpoints(cfg: BenchmarkConfig) -> dict[str, dict[str, Any]]:
-    """Every ``<checkpoints>/<run>/last.pt`` (from ``segcal train``): metrics as trained and after TS on the fit split."""
+    """Every ``<checkpoints>/<run>/last.pt`` (from ``segcal train``): metrics as trained, and after TS fitted on the
+    fit split."""
     rows: dict[str, dict[str, Any]] = {}
     runs = sorted(p.parent for p in Path(cfg.checkpoints).glob("*/last.pt"))
     if not runs:
@@ -871,6 +886,10 @@ def real_data_available() -> bool:
     return (root / "camvid" / "val").is_dir() and (root / "espnet_pretrained").is_dir()
 
 
+#: classes of the synthetic demo model (ESPNet's decoder needs at least 5)
+SYNTHETIC_CLASSES = 8
+
+
 def synthetic_espnet() -> Any:
     """The synthetic dataset's default model: an ESPNet trained from scratch for a minute on the synthetic train
     split, cached under ``$SEGCAL_CACHE`` (default ``cache``)/models. Spec: ``segcal.engine.protocol:synthetic_espnet``.
@@ -883,7 +902,7 @@ def synthetic_espnet() -> Any:
 
     run = Path(os.environ.get("SEGCAL_CACHE", "cache")) / "models" / "synthetic-espnet"
     if not (run / "last.pt").is_file():
-        train = load_dataset("synthetic", "train")
+        train = load_dataset("synthetic", "train", num_classes=SYNTHETIC_CLASSES)
         torch.manual_seed(0)
         net = models.build_espnet("camvid", num_classes=train.num_classes, name="synthetic-espnet")
         Trainer(net, None, train, None, out_dir=run, epochs=15, batch_size=8, lr=5e-3, seed=0).fit(resume=True)
