@@ -146,7 +146,7 @@ def test_torchrun_fit_ts_equals_one_process(tmp_path, checkpoint, labelled_folde
 
 def test_train_on_synthetic_writes_a_loadable_checkpoint_and_resumes(tmp_path, checkpoint):
     out = tmp_path / "run"
-    args = ["train", "--model", str(checkpoint), "--dataset", "synthetic", "--synthetic-n", "8", "--loss", "mbls",
+    args = ["train", "--model", str(checkpoint), "--data", "synthetic", "--max-steps-per-epoch", "2", "--loss", "mbls",
             "--loss-arg", "margin=5", "--epochs", "1", "--batch-size", "4", "--out", str(out)]
     assert main(args) == 0
     from segcal.models import load
@@ -161,7 +161,7 @@ def test_train_on_synthetic_writes_a_loadable_checkpoint_and_resumes(tmp_path, c
 
 def test_train_refuses_to_resume_with_other_settings(tmp_path, checkpoint, capsys):
     out = tmp_path / "run"
-    base = ["train", "--model", str(checkpoint), "--dataset", "synthetic", "--synthetic-n", "4", "--epochs", "1",
+    base = ["train", "--model", str(checkpoint), "--data", "synthetic", "--max-steps-per-epoch", "1", "--epochs", "1",
             "--out", str(out)]
     assert main([*base, "--batch-size", "4"]) == 0
     assert main([*base, "--batch-size", "2"]) == 1

@@ -179,8 +179,10 @@ def _run_train(args: argparse.Namespace) -> int:
     from segcal.engine import Trainer
 
     model = _model(args)
-    train_set = load_dataset(args.data, args.train_split, ignore_index=args.ignore_index)
-    val_set = load_dataset(args.data, args.val_split, ignore_index=args.ignore_index) if args.val_split else None
+    c = int(model.num_classes)
+    train_set = load_dataset(args.data, args.train_split, ignore_index=args.ignore_index, num_classes=c)
+    val_set = load_dataset(args.data, args.val_split, ignore_index=args.ignore_index, num_classes=c) \
+        if args.val_split else None
     loss = losses.get_loss(args.loss, **{"ignore_index": args.ignore_index, **_key_values(args.loss_arg)})
     trainer = Trainer(model, loss, train_set, val_set, out_dir=args.out, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed, crop_size=args.crop,
@@ -205,13 +207,13 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--severity", type=int, default=3)
 
 
-def _predict_dataset(args: argparse.Namespace) -> Any:
+def _predict_dataset(args: argparse.Namespace, num_classes: int) -> Any:
     from segcal import data
 
     if args.images:
         dataset = data.SegmentationFolder(args.images, labels=args.labels, ignore_index=args.ignore_index)
     else:
-        dataset = data.load_dataset(args.data, args.split, ignore_index=args.ignore_index)
+        dataset = data.load_dataset(args.data, args.split, ignore_index=args.ignore_index, num_classes=num_classes)
     return data.Subset.evenly_spaced(dataset, args.n_images) if args.n_images else dataset
 
 
@@ -220,10 +222,11 @@ def _run_predict(args: argparse.Namespace) -> int:
     from segcal.engine import predict
 
     rank, world = _dist_init()
-    dataset = _predict_dataset(args)
+    model = _model(args)
+    dataset = _predict_dataset(args, int(model.num_classes))
     if args.corruption:
         dataset = data.CorruptedDataset(dataset, args.corruption, args.severity)
-    store = predict(_model(args), dataset, args.out, batch_size=args.batch_size, features=args.features,
+    store = predict(model, dataset, args.out, batch_size=args.batch_size, features=args.features,
                     rank=rank, world_size=world)
     if rank == 0:
         log.info("%d images in logits store %s (%d classes, ignore_index %s)", len(store), args.out,
@@ -376,7 +379,8 @@ def _run_detect(args: argparse.Namespace) -> int:
             raise ValueError("give --images DIR or --data SPEC [--split S]")
         from segcal.data import Subset, load_dataset
 
-        source = load_dataset(args.data, args.split, ignore_index=args.ignore_index)
+        source = load_dataset(args.data, args.split, ignore_index=args.ignore_index,
+                              num_classes=int(model.num_classes))
         if args.n_images:
             source = Subset.evenly_spaced(source, args.n_images)
     paths = detect_folder(model, detector, source, args.out)
@@ -417,7 +421,8 @@ def _run_evaluate_detection(args: argparse.Namespace) -> int:
     if args.anomalies:
         from segcal.data import load_dataset
 
-        dataset = load_dataset(args.data, args.split, ignore_index=args.ignore_index)
+        dataset = load_dataset(args.data, args.split, ignore_index=args.ignore_index,
+                               num_classes=int(model.num_classes))
         results["ood_pasted_anomalies"] = evaluate_anomalies(model, dataset, detectors, cfg)
     for protocol, per_det in results.items():
         print(f"{protocol}:")
