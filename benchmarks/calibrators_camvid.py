@@ -1,385 +1,87 @@
 """Post-hoc calibrators on real ESPNet logits, with the Selective-Scaling analysis (issue 7, "Show").
 
+A configuration of ``segcal.engine.protocol``: this file holds the study (splits, grids, selection rule, tables);
+every fit and metric is the library's (``fit_calibrators``, ``evaluate_calibrators_on_sets``,
+``evaluate_idm_on_sets``).
+
 Usage:
-    SEGCAL_DATA=/work/shared/data nice -n 5 .venv/bin/python benchmarks/calibrators_camvid.py \\
-        [--out cache/calibrators] [--quick] [--test-stride 2] [--max-pixels 2000000]
+    SEGCAL_DATA=/work/shared/data nice -n 5 .venv/bin/python benchmarks/calibrators_camvid.py --cache /work/cache \\
+        [--out cache/calibrators] [--quick] [--models espnet-camvid,espnet-cityscapes] [--test-stride 6] \\
+        [--max-pixels 300000] [--lts-epochs 1] [--epochs 40] [--thresholds 0.3 0.5] [--t-mis fit 1000]
 
-Protocols (every calibrator; ECE with 15 bins, plus 10-bin ECE for comparability with the paper):
+Protocols (every calibrator; ECE with 15 bins):
 
-1. **In-domain** (the paper's): CamVid val (101 frames, all from sequence 0016E5) is split **by image** with a fixed
-   seed into fit / select / held-out (50 / 20 / 30 %). Calibrators are fitted on *fit*; hyperparameters (Dirichlet
-   ODIR λ, histogram bins, Selective threshold × base × T_mis) are chosen on *select* by 15-bin ECE; results on
-   *held-out*.
-2. **Shift**: the chosen hyperparameters are refitted on **all of val** and evaluated on CamVid test (sequences
-   ``Seq05VD`` — unseen — and ``0001TP`` — dusk — separately and pooled), and on the Cityscapes-model→CamVid case
-   (calibrators fitted on ESPNet-Cityscapes' CamVid-val logits, evaluated on its CamVid-test logits). Nothing is
-   tuned on test.
+1. **In-domain** (the paper's): CamVid val is split **by image** with a fixed seed into fit / select / held-out
+   (50 / 20 / 30 %). Calibrators are fitted on *fit*; hyperparameters (Dirichlet ODIR λ, histogram bins, Selective
+   threshold × base × T_mis) are chosen on *select* by 15-bin ECE; results on *held-out*.
+2. **Shift**: the chosen hyperparameters are refitted on **all of val** and evaluated on CamVid test (every
+   ``--test-stride``-th frame), pooled and per named subset of the dataset (``Seq05VD`` — unseen — and ``0001TP`` —
+   dusk), and for the Cityscapes model → CamVid case. Nothing is tuned on test; the "oracle T" (TS fitted on each
+   test set) is a diagnostic only.
 
-Moonshot variants of Selective Scaling (reported whether or not they win):
-
-- ``sel-corrupt``: the calibrator is fitted on val **plus** the logits of corrupted val images
-  (:class:`~segcal.data.corruptions.CorruptedDataset`, every second val frame, a few corruption types, their own
-  correctness labels), so the detector sees mispredictions of degraded inputs. ``ts-corrupt`` is the control: TS fitted
-  on the same union (does the gain come from the detector or just from the data?).
-- ``sel-rate``: a label-free test-time flag-rate correction: in every image the detector flags its top-k pixels,
-  k = (1 − mean TS confidence of the image) × pixels, i.e. as many pixels as TS expects to be wrong, instead of a
-  fixed threshold.
-
-Speed choices (say so in the docs): VS / MS / Dirichlet / ETS are fitted on a seeded sample of ``--max-pixels``
-valid pixels; LTS is trained for ``--lts-epochs`` epochs; the test stores are evaluated on every ``--test-stride``-th
-frame. The Selective detector is trained once per fit set and reused by variants that only differ in threshold,
-T_mis or base (training is seeded and deterministic, so this equals separate fits).
-
-Resumable: fitted calibrators are cached under ``<out>/fits`` (``*.pt`` + fit time), evaluations under
-``<out>/evals``; corrupted-val logits under ``<out>/corrupt``. ``--quick`` is a smoke run into ``<out>/quick``.
-Results: ``<out>/results.json`` and Markdown tables in ``<out>/tables.md`` (also printed).
+Selective detectors (``SelectiveDetector`` around each fitted Selective calibrator) and MSP are scored as
+misprediction detectors (AUROC / AP / FPR95) on held-out and test. Results: ``<out>/results.json`` and Markdown tables
+in ``<out>/tables.md`` (also printed).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import hashlib
+import dataclasses
 import json
 import math
 import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from segcal.calibrators import SelectiveScaling, TemperatureScaling, get_calibrator, load
-from segcal.data import CamVid, LogitsStore, sequence_of
-from segcal.data.corruptions import CorruptedDataset
-from segcal.detectors import msp
+from segcal.detectors import DETECTORS
 from segcal.engine.evaluate import to_jsonable
-from segcal.metrics import CalibrationMetrics, DetectionMetrics
+from segcal.engine.protocol import (
+    BenchmarkConfig,
+    build_method,
+    cached_store,
+    evaluate_calibrators_on_sets,
+    evaluate_idm_on_sets,
+    fit_calibrators,
+    load_model,
+    make_dataset,
+)
 
-IGNORE = 255
-SEQS = ("Seq05VD", "0001TP")
-MAIN_COLS = ("ece", "ece10", "mce", "ace", "cw_ece", "nll", "brier", "miou", "boundary_ece", "interior_ece")
-
-
-# ---------------------------------------------------------------------------------------------------- data sources
-class Source:
-    """Batches of one logits store restricted to ``names`` (+ the CamVid images when a calibrator needs them)."""
-
-    def __init__(self, store: LogitsStore, names: list[str], images: CamVid | None = None, batch_size: int = 4):
-        self.store, self.names, self.images, self.batch_size = store, list(names), images, batch_size
-
-    def load_images(self, names: list[str]) -> Tensor:
-        assert self.images is not None
-        return torch.stack([torch.from_numpy(self.images.load_image(n.split("@")[0])).permute(2, 0, 1)
-                            for n in names])
-
-    def __call__(self, with_images: bool = False) -> Iterator[dict[str, Any]]:
-        for b in self.store.batches(batch_size=self.batch_size, names=self.names):
-            d = {"logits": b["logits"], "target": b["target"], "names": b["names"]}
-            if with_images:
-                d["images"] = self.load_images(b["names"])
-            yield d
-
-    def fit_source(self, with_images: bool = False) -> Callable[[], Iterator[dict[str, Any]]]:
-        return lambda: self(with_images)
-
-    def union(self, *others: Source) -> Callable[[], Iterator[dict[str, Any]]]:
-        def gen() -> Iterator[dict[str, Any]]:
-            for s in (self, *others):
-                yield from s()
-        return gen
+METRICS = ("ece", "mce", "ace", "cw_ece", "nll", "brier", "miou", "boundary_ece", "interior_ece", "ece_correct",
+           "ece_wrong")
 
 
-# --------------------------------------------------------------------------------------- cached Selective detector
-_DETECTORS: dict[str, tuple[Any, int, dict]] = {}
-
-
-class _SharedDetectorSelective(SelectiveScaling):
-    """SelectiveScaling whose detector training is memoised on its exact inputs (seeded → identical result)."""
-
-    def _train_detector(self, z_tr: Tensor, c_tr: Tensor, z_va: Tensor, c_va: Tensor, c: int,
-                        gen: torch.Generator) -> Any:
-        h = hashlib.sha1()
-        for t in (z_tr, c_tr, z_va, c_va):
-            h.update(t.contiguous().numpy().tobytes())
-        h.update(repr((self.epochs, self.lr, self.weight_decay, self.batch_size, self.seed)).encode())
-        key = h.hexdigest()
-        if key not in _DETECTORS:
-            det = super()._train_detector(z_tr, c_tr, z_va, c_va, c, gen)
-            _DETECTORS[key] = (det, self.best_epoch_, self.history_)
-        det, self.best_epoch_, self.history_ = _DETECTORS[key]
-        return copy.deepcopy(det)
-
-
-def make_selective(base: str | None, t_mis: Any, threshold: float, epochs: int) -> SelectiveScaling:
-    return _SharedDetectorSelective(base=TemperatureScaling() if base == "ts" else None, mis_temperature=t_mis,
-                                    threshold=threshold, epochs=epochs)
-
-
-# ------------------------------------------------------------------------------------------ rate-flagging variant
-class RateSelective:
-    """Moonshot "sel-rate": per image flag the top-k detector scores, k = (1 − mean TS confidence) × pixels."""
-
-    def __init__(self, sel: SelectiveScaling, ts: TemperatureScaling) -> None:
-        self.sel, self.ts = sel, ts
-        self.temperature_mis_ = sel.temperature_mis_
-
-    def flags(self, z: Tensor) -> Tensor:
-        p = self.sel.misprediction_proba(z)
-        conf = torch.softmax(z.float() / self.ts.temperature_, 1).amax(1)
-        n, h, w = p.shape
-        out = torch.zeros_like(p, dtype=torch.bool)
-        for i in range(n):
-            k = round(float(1.0 - conf[i].mean()) * h * w)
-            if k > 0:
-                idx = torch.topk(p[i].flatten(), k).indices
-                out[i].view(-1)[idx] = True
-        return out
-
-    def transform(self, z: Tensor, images: Tensor | None = None) -> Tensor:
-        z = z.float()
-        mis = self.flags(z)[:, None]
-        kept = self.sel.base_.transform(z) if self.sel.base_ is not None else z
-        return torch.where(mis, z / self.sel.temperature_mis_, kept)
-
-
-# -------------------------------------------------------------------------------------------------- evaluation
-def _add_states(total: CalibrationMetrics, part: CalibrationMetrics) -> None:
-    for name in part._defaults:
-        setattr(total, name, getattr(total, name) + getattr(part, name))
-
-
-class Extra:
-    """Cheap sums: 10/15-bin ECE, ECE on correct / mispredicted pixels, NLL, detector flag statistics."""
-
-    def __init__(self, detector: bool) -> None:
-        self.bins = {n: torch.zeros(3, n, dtype=torch.float64) for n in (10, 15)}
-        self.s = dict.fromkeys(("n", "correct", "conf_correct", "conf_mis", "nll", "flag", "flag_mis",
-                                "flag_conf", "flag_correct", "unflag_conf", "unflag_correct"), 0.0)
-        self.det = DetectionMetrics() if detector else None
-        self.hist = torch.zeros(2, 1000, dtype=torch.float64)  # detector score histogram (correct, mis)
-
-    def update(self, zc: Tensor, y: Tensor, flags: Tensor | None, score: Tensor | None) -> None:
-        valid = y != IGNORE
-        logp = torch.log_softmax(zc.float(), 1)
-        lp, pred = logp.max(1)
-        conf = lp.exp()[valid]
-        ok = (pred == y)[valid]
-        yv = y.clamp_max(zc.shape[1] - 1)
-        nll = -logp.gather(1, yv[:, None])[:, 0][valid]
-        s = self.s
-        s["n"] += conf.numel()
-        s["correct"] += float(ok.sum())
-        s["conf_correct"] += float(conf[ok].double().sum())
-        s["conf_mis"] += float(conf[~ok].double().sum())
-        s["nll"] += float(nll.double().sum())
-        for n, b in self.bins.items():
-            idx = (torch.ceil(conf.double() * n) - 1).clamp(0, n - 1).long()
-            b[0].index_add_(0, idx, torch.ones_like(conf, dtype=torch.float64))
-            b[1].index_add_(0, idx, conf.double())
-            b[2].index_add_(0, idx, ok.double())
-        if flags is not None:
-            f = flags[valid]
-            s["flag"] += float(f.sum())
-            s["flag_mis"] += float((f & ~ok).sum())
-            s["flag_conf"] += float(conf[f].double().sum())
-            s["flag_correct"] += float(ok[f].sum())
-            s["unflag_conf"] += float(conf[~f].double().sum())
-            s["unflag_correct"] += float(ok[~f].sum())
-        if score is not None and self.det is not None:
-            self.det.update(score, (pred != y) & valid, valid)
-            sc = score[valid].double()
-            idx = (sc * 1000).long().clamp(0, 999)
-            self.hist[0].index_add_(0, idx[ok], torch.ones(int(ok.sum()), dtype=torch.float64))
-            self.hist[1].index_add_(0, idx[~ok], torch.ones(int((~ok).sum()), dtype=torch.float64))
-
-    def add(self, other: Extra) -> None:
-        for n in self.bins:
-            self.bins[n] += other.bins[n]
-        for k in self.s:
-            self.s[k] += other.s[k]
-        self.hist += other.hist
-        if self.det is not None and other.det is not None:
-            for name in other.det._defaults:
-                setattr(self.det, name, getattr(self.det, name) + getattr(other.det, name))
-
-    def compute(self) -> dict[str, Any]:
-        s = self.s
-        n = max(s["n"], 1.0)
-        nc, nm = s["correct"], s["n"] - s["correct"]
-        out: dict[str, Any] = {"n_pixels": s["n"], "accuracy": nc / n, "nll": s["nll"] / n}
-        for nb, b in self.bins.items():
-            out[f"ece{nb}"] = float(((b[1] - b[2]).abs().sum()) / n)
-        out["ece_correct"] = (nc - s["conf_correct"]) / max(nc, 1)  # = mean(1 − conf) on correct pixels
-        out["ece_mis"] = s["conf_mis"] / max(nm, 1)  # = mean(conf) on mispredicted pixels
-        out["mean_conf"] = (s["conf_correct"] + s["conf_mis"]) / n
-        if s["flag"] or s["unflag_conf"]:
-            nf, nu = s["flag"], s["n"] - s["flag"]
-            out.update(flag_rate=nf / n, error_rate=nm / n, recall=s["flag_mis"] / max(nm, 1),
-                       precision=s["flag_mis"] / max(nf, 1),
-                       det_accuracy=(s["flag_mis"] + (nc - s["flag_correct"])) / n,
-                       flagged_conf=s["flag_conf"] / max(nf, 1), flagged_acc=s["flag_correct"] / max(nf, 1),
-                       unflagged_conf=s["unflag_conf"] / max(nu, 1), unflagged_acc=s["unflag_correct"] / max(nu, 1))
-        if self.det is not None and float(self.hist.sum()) > 0:
-            d = self.det.compute()
-            out.update(auroc=float(d["auroc"]), ap=float(d["ap"]), fpr95=float(d["fpr95"]))
-        return out
-
-
-def msp_best_threshold(hist: Tensor) -> float:
-    """Threshold on an MSP-score histogram (correct, mis) maximising detector accuracy (flag = score > t)."""
-    corr, mis = hist[0], hist[1]
-    # flag bins >= j: correct-flags = sum corr[j:], mis-caught = sum mis[j:]
-    caught = mis.flip(0).cumsum(0).flip(0)
-    fp = corr.flip(0).cumsum(0).flip(0)
-    acc = caught + (corr.sum() - fp)
-    j = int(acc.argmax())
-    return j / 1000.0
-
-
-def msp_accuracy(hist: Tensor, t: float) -> float:
-    j = round(t * 1000)
-    corr, mis = hist[0], hist[1]
-    return float((mis[j:].sum() + corr[:j].sum()) / hist.sum())
-
-
-def evaluate(methods: dict[str, Any], src: Source, groups: dict[str, list[str]], full: bool,
-             log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
-    """One pass over ``src``: every method × every group (+ pooled "all" when several groups)."""
-    c = src.store.num_classes
-    group_of = {n: g for g, ns in groups.items() for n in ns}
-    needs_img = any(getattr(m, "needs_images", False) for m in methods.values())
-    metrics: dict[tuple[str, str], CalibrationMetrics] = {}
-    extras: dict[tuple[str, str], Extra] = {}
-    for name in ["msp", *methods]:
-        for g in groups:
-            if full and name != "msp":
-                metrics[name, g] = CalibrationMetrics(c, n_bins=15, ignore_index=IGNORE, boundary_width=2)
-            extras[name, g] = Extra(detector=name == "msp" or _is_selective(methods.get(name)))
-    t0, done = time.time(), 0
-    with torch.inference_mode():
-        for b in src(with_images=False):
-            names = b["names"]
-            imgs = src.load_images(names) if needs_img else None
-            for g in {group_of[n] for n in names}:
-                idx = [i for i, n in enumerate(names) if group_of[n] == g]
-                z, y = b["logits"][idx], b["target"][idx]
-                im = imgs[idx] if imgs is not None else None
-                extras["msp", g].update(z, y, None, msp(z))
-                for name, m in methods.items():
-                    zc = m.transform(z, im) if getattr(m, "needs_images", False) else (
-                        z if m is None else m.transform(z))
-                    flags, score = None, None
-                    if _is_selective(m):
-                        score = m.misprediction_proba(z) if isinstance(m, SelectiveScaling) else \
-                            m.sel.misprediction_proba(z)
-                        flags = m.flags(z) if isinstance(m, RateSelective) else score > m.threshold
-                    extras[name, g].update(zc, y, flags, score)
-                    if full:
-                        metrics[name, g].update(zc, y)
-            done += len(names)
-            if done % 20 < len(names):
-                log(f"    {done}/{len(src.names)} images, {time.time() - t0:.0f}s")
-    out: dict[str, dict[str, Any]] = {}
-    gl = list(groups) + (["all"] if len(groups) > 1 else [])
-    for name in ["msp", *methods]:
-        for g in gl:
-            if g == "all":
-                ex = Extra(detector=extras[name, gl[0]].det is not None)
-                for g2 in groups:
-                    ex.add(extras[name, g2])
-            else:
-                ex = extras[name, g]
-            r = ex.compute()
-            if full and name != "msp":
-                if g == "all":
-                    cm = CalibrationMetrics(c, n_bins=15, ignore_index=IGNORE, boundary_width=2)
-                    for g2 in groups:
-                        _add_states(cm, metrics[name, g2])
-                else:
-                    cm = metrics[name, g]
-                v = cm.compute()
-                for k in ("ece", "mce", "ace", "cw_ece", "nll", "brier", "miou", "accuracy", "boundary_ece",
-                          "interior_ece"):
-                    r[k] = float(v[k])
-            else:
-                r["ece"] = r["ece15"]
-            if name == "msp":
-                r["_hist"] = ex.hist.tolist()
-            out.setdefault(name, {})[g] = r
-    return out
-
-
-def _is_selective(m: Any) -> bool:
-    return isinstance(m, (SelectiveScaling, RateSelective))
-
-
-# ------------------------------------------------------------------------------------------------------ fitting
-class Fitter:
-    def __init__(self, root: Path, log: Callable[[str], None]) -> None:
-        self.root, self.log = root, log
-        root.mkdir(parents=True, exist_ok=True)
-        self.times: dict[str, float] = {}
-
-    def fit(self, key: str, make: Callable[[], Any], source: Callable[[], Iterator]) -> Any:
-        path, tpath = self.root / f"{key}.pt", self.root / f"{key}.time"
-        if path.exists() and tpath.exists():
-            cal = load(path)
-            self.times[key] = float(tpath.read_text())
-            if isinstance(cal, SelectiveScaling):
-                cal.__class__ = _SharedDetectorSelective
-            return cal
-        cal = make()
-        t = time.time()
-        cal.fit(source)
-        dt = time.time() - t
-        if isinstance(cal, _SharedDetectorSelective):  # save as the library class (loadable by segcal.calibrators.load)
-            cal.__class__ = SelectiveScaling
-            cal.save(path)
-            cal.__class__ = _SharedDetectorSelective
-        else:
-            cal.save(path)
-        tpath.write_text(f"{dt:.3f}")
-        self.times[key] = dt
-        extra = f" T={cal.temperature_:.3f}" if hasattr(cal, "temperature_") else ""
-        if isinstance(cal, SelectiveScaling):
-            extra = f" T_mis={cal.temperature_mis_:.3f} best_epoch={cal.best_epoch_}" + (
-                f" base T={cal.base_.temperature_:.3f}" if cal.base_ is not None else "")
-        self.log(f"  fit {key}: {dt:.1f}s{extra}")
-        return cal
-
-
-def baseline_specs(mp: int, lts_epochs: int) -> dict[str, list[tuple[str, dict]]]:
-    """name → grid of (label, kwargs for get_calibrator); grids with > 1 point are chosen on select."""
+def baseline_grid(max_pixels: int, lts_epochs: int) -> dict[str, list[tuple[str, str, dict]]]:
+    """family → grid of (label, registry name, kwargs); grids with > 1 point are chosen on select."""
+    mp = {"max_pixels": max_pixels, "seed": 0}
     return {
-        "ts": [("ts", {})],
-        "vs": [("vs", {"max_pixels": mp})],
-        "ms": [("ms", {"max_pixels": mp})],
-        "dirichlet": [(f"dirichlet-l{lam:g}", {"reg_lambda": lam, "max_pixels": mp}) for lam in (0.0, 1e-2)],
-        "ets": [("ets", {"max_pixels": mp})],
-        "lts": [("lts", {"epochs": lts_epochs})],
-        "histogram": [(f"histogram-b{b}", {"n_bins": b}) for b in (10, 15, 30)],
-        "isotonic": [("isotonic", {})],
+        "ts": [("ts", "ts", {})],
+        "vs": [("vs", "vs", mp)],
+        "ms": [("ms", "ms", mp)],
+        "dirichlet": [(f"dirichlet-l{lam:g}", "dirichlet", {"reg_lambda": lam, **mp}) for lam in (0.0, 1e-2)],
+        "ets": [("ets", "ets", mp)],
+        "lts": [("lts", "lts", {"epochs": lts_epochs})],
+        "histogram": [(f"histogram-b{b}", "histogram", {"n_bins": b}) for b in (10, 15, 30)],
+        "isotonic": [("isotonic", "isotonic", {})],
     }
 
 
-def selective_grid(quick: bool) -> list[tuple[str, dict]]:
-    thr = (0.5,) if quick else (0.3, 0.5)
-    tm: tuple[Any, ...] = ("fit", 2.0) if quick else ("fit", 1000.0)
+def selective_grid(thresholds: list[float], t_mis: list[str], epochs: int) -> list[tuple[str, str, dict]]:
     out = []
     for base in (None, "ts"):
-        for t in thr:
-            for m in tm:
-                lab = f"sel-{base or 'id'}-t{t:g}-T{m if m == 'fit' else f'{m:g}'}"
-                out.append((lab, {"base": base, "t_mis": m, "threshold": t}))
+        for t in thresholds:
+            for m in t_mis:
+                lab = f"sel-{base or 'id'}-t{t:g}-T{m}"
+                out.append((lab, "selective", {"base": base, "threshold": t, "epochs": epochs,
+                                               "mis_temperature": m if m == "fit" else float(m)}))
     return out
 
 
-# --------------------------------------------------------------------------------------------------- main
 def split_val(names: list[str], seed: int, fracs: tuple[float, float]) -> tuple[list[str], list[str], list[str]]:
     rng = random.Random(seed)
     perm = sorted(names)
@@ -388,247 +90,98 @@ def split_val(names: list[str], seed: int, fracs: tuple[float, float]) -> tuple[
     return sorted(perm[:n_fit]), sorted(perm[n_fit:n_fit + n_sel]), sorted(perm[n_fit + n_sel:])
 
 
-class _Subset:
-    def __init__(self, ds: Any, idx: list[int]) -> None:
-        self.ds, self.idx = ds, idx
-        self.num_classes = getattr(ds, "num_classes", None)
-
-    def __len__(self) -> int:
-        return len(self.idx)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.ds[self.idx[i]]
-
-
-def corrupted_stores(model_name: str, out: Path, corruptions: list[str], every: int, limit: int | None,
-                     log: Callable[[str], None]) -> list[LogitsStore]:
-    from segcal.engine import predict
-    from segcal.models import load as load_model
-
-    val = CamVid(split="val")
-    idx = list(range(0, len(val), every))[:limit]
-    stores, model = [], None
-    for spec in corruptions:
-        name, sev = spec.rsplit("-", 1)
-        path = out / model_name / spec
-        ds = CorruptedDataset(_Subset(val, idx), name, int(sev), seed=0)
-        try:
-            st = LogitsStore(path)
-            if len(st) == len(idx):
-                stores.append(st)
-                continue
-        except (FileNotFoundError, ValueError):
-            pass
-        if model is None:
-            model = load_model(model_name)
-        t = time.time()
-        stores.append(predict(model, ds, path, batch_size=4, progress=False))
-        log(f"  predicted {model_name} {spec} ({len(idx)} val images): {time.time() - t:.0f}s")
-    return stores
+def fit_grid(points: list[tuple[str, str, dict]], store: Any, dataset: Any, cfg: BenchmarkConfig,
+             images: list[str] | None, times: dict[str, float]) -> dict[str, Any]:
+    """Fit every grid point (label → fitted calibrator) on ``images`` of ``store``."""
+    out = {}
+    for label, name, kwargs in points:
+        fitted, dt = fit_calibrators([name], store, dataset, dataclasses.replace(cfg, method_kwargs={name: kwargs}),
+                                     images=images)
+        out[label], times[label] = fitted[name], dt[name]
+        print(f"  fit {label}: {dt[name]:.1f}s", flush=True)
+    return out
 
 
-def test_store(model_name: str, out: Path) -> LogitsStore:
-    """The shared test store if complete, else this benchmark's own copy (``<out>/logits/<model>/test``)."""
-    shared = LogitsStore(f"cache/logits/{model_name}/test")
-    if len(shared) >= 233:
-        return shared
-    own = out / "logits" / model_name / "test"
-    if not own.exists():
-        own = Path("cache/calibrators/logits") / model_name / "test"
-    if own.exists() and len(LogitsStore(own)) >= 233:
-        return LogitsStore(own)
-    return shared
+def selective_detectors(cals: dict[str, Any], ignore_index: int | None) -> dict[str, Any]:
+    dets = {"msp (uncal)": build_method(DETECTORS, "msp", ignore_index)}
+    for label, cal in cals.items():
+        if label.startswith("sel-"):
+            dets[label] = build_method(DETECTORS, "selective", ignore_index, {"calibrator": cal})
+    return dets
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="cache/calibrators")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--test-stride", type=int, default=6)
-    ap.add_argument("--max-pixels", type=int, default=300_000)
-    ap.add_argument("--lts-epochs", type=int, default=1)
-    ap.add_argument("--epochs", type=int, default=40, help="Selective detector epochs")
-    ap.add_argument("--corruptions", default="darkness-3,fog-2,gaussian_noise-2")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--models", default="espnet-camvid,espnet-cityscapes")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    out = Path(args.out) / ("quick" if args.quick else "")
-    out.mkdir(parents=True, exist_ok=True)
-    logf = open(out / "log.txt", "a")
+def study(cfg: BenchmarkConfig, spec: str, args: argparse.Namespace, quick: bool) -> dict[str, Any]:
+    model = load_model(cfg, spec)
+    val_ds, test_ds = make_dataset(cfg, "val", model.num_classes), make_dataset(cfg, "test", model.num_classes)
+    vstore = cached_store(model, spec, val_ds, "val", cfg)
+    tstore = cached_store(model, spec, test_ds, "test", cfg)
+    vnames = sorted(vstore.names)[::6] if quick else sorted(vstore.names)
+    fit_n, sel_n, held_n = split_val(vnames, args.seed, (0.5, 0.2))
+    tnames = sorted(tstore.names)[::args.test_stride]
+    kept = set(tnames)
+    test_sets: dict[str, list[str] | None] = {"all": tnames}
+    for sub, names in (getattr(tstore, "subsets", None) or {}).items():
+        if [n for n in names if n in kept]:
+            test_sets[sub] = [n for n in names if n in kept]
+    res: dict[str, Any] = {"split": {"fit": fit_n, "select": sel_n, "held_out": held_n}, "test_images": len(tnames)}
+    grid = baseline_grid(args.max_pixels, args.lts_epochs)
+    families = [f for f in grid if args.families is None or f in args.families]
+    sgrid = selective_grid(args.thresholds, args.t_mis, args.epochs)
 
-    def log(msg: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        logf.write(line + "\n")
-        logf.flush()
+    # ---------------- protocol 1: in-domain
+    print(f"=== {spec}: in-domain, fitting on {len(fit_n)} val images", flush=True)
+    times: dict[str, float] = {}
+    points = [p for f in families for p in grid[f]] + sgrid
+    cands = fit_grid(points, vstore, val_ds, cfg, fit_n, times)
+    select, _ = evaluate_calibrators_on_sets(vstore, val_ds, cands, cfg, {"select": sel_n})
+    ece = {label: r["ece"] for label, r in select["select"].items()}
+    chosen = {f: min((lab for lab, _, _ in grid[f]), key=ece.__getitem__) for f in families}
+    sel_labels = [lab for lab, _, _ in sgrid]
+    chosen["selective"] = min(sel_labels, key=ece.__getitem__)
+    for base in ("id", "ts"):
+        chosen[f"selective-{base}"] = min((lab for lab in sel_labels if f"-{base}-" in lab), key=ece.__getitem__)
+    print(f"  chosen on select: {chosen}", flush=True)
+    report = {f: cands[chosen[f]] for f in families}
+    report.update({lab: cands[lab] for lab in dict.fromkeys(sel_labels)})
+    held, _ = evaluate_calibrators_on_sets(vstore, val_ds, report, cfg, {"held_out": held_n})
+    det_held = evaluate_idm_on_sets(vstore, val_ds, selective_detectors(report, vstore.ignore_index), cfg,
+                                    {"held_out": held_n})
+    res["in_domain"] = {"chosen": chosen, "select": ece, "held_out": held["held_out"],
+                        "detection": _scalars(det_held["held_out"]), "fit_time": times, "params": _params(report)}
 
-    q = args.quick
-    mp = 50_000 if q else args.max_pixels
-    epochs = 2 if q else args.epochs
-    lts_epochs = 1 if q else args.lts_epochs
-    stride = 40 if q else args.test_stride
-    corruptions = args.corruptions.split(",")[:1] if q else args.corruptions.split(",")
-    results: dict[str, Any] = {"args": vars(args), "protocols": {}}
-    val_img, test_img = CamVid(split="val"), CamVid(split="test")
-
-    for model_name in args.models.split(","):
-        log(f"=== {model_name}")
-        vstore = LogitsStore(f"cache/logits/{model_name}/val")
-        tstore = test_store(model_name, Path(args.out))
-        log(f"  test store {tstore.path} ({len(tstore)} images)")
-        if len(tstore) < 233 and not q:
-            log(f"  WARNING: test store has {len(tstore)}/233 images")
-        vnames = vstore.names[::6] if q else vstore.names
-        fit_n, sel_n, held_n = split_val(vnames, args.seed, (0.5, 0.2))
-        tnames = sorted(tstore.names)[::stride]
-        groups = {s: [n for n in tnames if sequence_of(n) == s] for s in SEQS}
-        groups = {k: v for k, v in groups.items() if v}
-        res: dict[str, Any] = {"split": {"fit": fit_n, "select": sel_n, "held_out": held_n},
-                               "test_images": len(tnames)}
-        fits = Fitter(out / "fits" / model_name, log)
-        cstores = corrupted_stores(model_name, out / "corrupt", corruptions, 2, 3 if q else None, log)
-
-        # ---------------- protocol 1: in-domain
-        log("  in-domain: fitting on fit part")
-        src_fit = Source(vstore, fit_n, val_img)
-        src_sel = Source(vstore, sel_n, val_img)
-        src_held = Source(vstore, held_n, val_img)
-        specs = baseline_specs(mp, lts_epochs)
-        cands: dict[str, Any] = {}
-        for grid in specs.values():
-            for lab, kw in grid:
-                name = lab.split("-")[0]
-                cands[lab] = fits.fit(f"indomain-{lab}", lambda n=name, k=kw: get_calibrator(n, **k),
-                                      src_fit.fit_source(with_images=(name == "lts")))
-        sgrid = selective_grid(q)
-        for lab, kw in sgrid:
-            cands[lab] = fits.fit(f"indomain-{lab}", lambda k=kw: make_selective(k["base"], k["t_mis"],
-                                                                                  k["threshold"], epochs),
-                                  src_fit.fit_source())
-        # moonshot, in-domain: corrupted versions of the fit-part images only
-        fit_set = set(fit_n)
-        csrc_fit = [Source(cs, [n for n in cs.names if n.split("@")[0] in fit_set]) for cs in cstores]
-        csrc_fit = [s for s in csrc_fit if s.names]
-        log("  in-domain: selecting on select part")
-        sel_eval = evaluate(cands, src_sel, {"select": sel_n}, full=False, log=log)
-        chosen: dict[str, str] = {}
-        for fam, grid in specs.items():
-            chosen[fam] = min((lab for lab, _ in grid), key=lambda lab: sel_eval[lab]["select"]["ece15"])
-        sel_labels = [lab for lab, _ in sgrid]
-        chosen["selective"] = min(sel_labels, key=lambda lab: sel_eval[lab]["select"]["ece15"])
-        chosen["selective-id"] = min((lab for lab in sel_labels if "-id-" in lab),
-                                     key=lambda lab: sel_eval[lab]["select"]["ece15"])
-        chosen["selective-ts"] = min((lab for lab in sel_labels if "-ts-" in lab),
-                                     key=lambda lab: sel_eval[lab]["select"]["ece15"])
-        log(f"  chosen on select: {chosen}")
-        ckw = dict(sgrid)[chosen["selective"]]
-        moon_in = {}
-        if csrc_fit:
-            moon_in["sel-corrupt"] = fits.fit("indomain-sel-corrupt", lambda k=ckw: make_selective(
-                k["base"], k["t_mis"], k["threshold"], epochs), src_fit.union(*csrc_fit))
-            moon_in["ts-corrupt"] = fits.fit("indomain-ts-corrupt", lambda: get_calibrator("ts"),
-                                             src_fit.union(*csrc_fit))
-        ts_in = cands["ts"]
-        report_in: dict[str, Any] = {"uncal": None}
-        for fam in specs:
-            report_in[fam] = cands[chosen[fam]]
-        for lab in dict.fromkeys(("sel-id-t0.5-Tfit", "sel-ts-t0.5-Tfit", chosen["selective-id"],
-                                  chosen["selective-ts"])):
-            if lab in cands:
-                report_in[lab] = cands[lab]
-        report_in.update(moon_in)
-        report_in["sel-rate"] = RateSelective(cands[chosen["selective"]], ts_in)
-        log("  in-domain: held-out evaluation")
-        held = evaluate(report_in, src_held, {"held_out": held_n}, full=True, log=log)
-        msp_t = msp_best_threshold(torch.tensor(sel_eval["msp"]["select"]["_hist"]))
-        res["in_domain"] = {"chosen": chosen, "select": _strip(sel_eval), "held_out": _strip(held),
-                            "msp_threshold": msp_t,
-                            "fit_time": {k[len("indomain-"):]: v for k, v in fits.times.items()
-                                         if k.startswith("indomain-")},
-                            "params": _params(report_in)}
-        res["in_domain"]["msp_acc_held_out"] = msp_accuracy(torch.tensor(held["msp"]["held_out"]["_hist"]), msp_t)
-
-        # ---------------- protocol 2: shift (fit on all of val with the chosen hyperparameters)
-        log("  shift: fitting on all of val")
-        src_val = Source(vstore, vnames, val_img)
-        kwmap = {lab: kw for grid in specs.values() for lab, kw in grid}
-        shift: dict[str, Any] = {"uncal": None}
-        for fam in specs:
-            lab = chosen[fam]
-            name = lab.split("-")[0]
-            shift[fam] = fits.fit(f"shift-{lab}", lambda n=name, k=kwmap[lab]: get_calibrator(n, **k),
-                                  src_val.fit_source(with_images=(name == "lts")))
-        skw = dict(sgrid)
-        for key in ("sel-id-t0.5-Tfit", "sel-ts-t0.5-Tfit", chosen["selective"], chosen["selective-id"],
-                    chosen["selective-ts"]):
-            if key in skw and key not in shift:
-                k = skw[key]
-                shift[key] = fits.fit(f"shift-{key}", lambda k=k: make_selective(k["base"], k["t_mis"],
-                                                                                  k["threshold"], epochs),
-                                      src_val.fit_source())
-        csrc_all = [Source(cs, cs.names) for cs in cstores]
-        if csrc_all:
-            shift["sel-corrupt"] = fits.fit("shift-sel-corrupt", lambda k=ckw: make_selective(
-                k["base"], k["t_mis"], k["threshold"], epochs), src_val.union(*csrc_all))
-            kid = skw[chosen["selective-id"]]
-            shift["sel-id-corrupt"] = fits.fit("shift-sel-id-corrupt", lambda k=kid: make_selective(
-                None, k["t_mis"], k["threshold"], epochs), src_val.union(*csrc_all))
-            shift["ts-corrupt"] = fits.fit("shift-ts-corrupt", lambda: get_calibrator("ts"),
-                                           src_val.union(*csrc_all))
-        shift["sel-rate"] = RateSelective(shift[chosen["selective"]], shift["ts"])
-        log(f"  shift: evaluating on test ({len(tnames)} images, stride {stride})")
-        test_eval = evaluate(shift, Source(tstore, tnames, test_img), groups, full=True, log=log)
-        # the shift-protocol detector on val itself (in-sample) for the why-analysis
-        sel_only = {k: v for k, v in shift.items() if _is_selective(v) or k in ("uncal", "ts")}
-        val_eval = evaluate(sel_only, Source(vstore, vnames, val_img), {"val": vnames}, full=False, log=log)
-        msp_t_val = msp_best_threshold(torch.tensor(val_eval["msp"]["val"]["_hist"]))
-        res["shift"] = {"test": _strip(test_eval), "val_in_sample": _strip(val_eval), "msp_threshold": msp_t_val,
-                        "msp_acc": {g: msp_accuracy(torch.tensor(test_eval["msp"][g]["_hist"]), msp_t_val)
-                                    for g in test_eval["msp"]},
-                        "fit_time": {k[len("shift-"):]: v for k, v in fits.times.items() if k.startswith("shift-")},
-                        "params": _params(shift)}
-        # diagnostic only (never used for any choice): the TS temperature that would be optimal on each test group
-        res["shift"]["oracle_T_test"] = {
-            g: float(TemperatureScaling().fit(Source(tstore, ns).fit_source()).temperature_)
-            for g, ns in groups.items()}
-        log(f"  oracle TS temperature on test (diagnostic): {res['shift']['oracle_T_test']}")
-        results["protocols"][model_name] = res
-        (out / f"results-{model_name}.json").write_text(json.dumps(to_jsonable(results), indent=1))
-        log(f"  done {model_name}")
-
-    allres: dict[str, Any] = {"protocols": {}}
-    for f in sorted(out.glob("results-*.json")):
-        allres["protocols"].update(json.loads(f.read_text())["protocols"])
-    (out / "results.json").write_text(json.dumps(allres, indent=1))
-    md = tables(allres)
-    (out / "tables.md").write_text(md)
-    print(md)
-    return 0
+    # ---------------- protocol 2: shift (fit on all of val with the chosen hyperparameters)
+    print(f"=== {spec}: shift, fitting on all {len(vnames)} val images", flush=True)
+    by_label = {lab: (lab, name, kw) for f in families for lab, name, kw in grid[f]} | {p[0]: p for p in sgrid}
+    shift_points = [by_label[chosen[f]] for f in families]
+    shift_points += [by_label[lab] for lab in dict.fromkeys(
+        [chosen["selective"], chosen["selective-id"], chosen["selective-ts"], *sel_labels[:1]])]
+    shift_times: dict[str, float] = {}
+    fitted = fit_grid(shift_points, vstore, val_ds, cfg, vnames, shift_times)
+    shift = {f: fitted[chosen[f]] for f in families} | {lab: c for lab, c in fitted.items() if lab.startswith("sel-")}
+    print(f"  evaluating on test ({len(tnames)} images, stride {args.test_stride})", flush=True)
+    test, _ = evaluate_calibrators_on_sets(tstore, test_ds, shift, cfg, test_sets)
+    det_test = evaluate_idm_on_sets(tstore, test_ds, selective_detectors(shift, tstore.ignore_index), cfg, test_sets)
+    oracle = {g: float(fit_calibrators(["ts"], tstore, test_ds, cfg, images=ns)[0]["ts"].temperature_)
+              for g, ns in test_sets.items()}
+    res["shift"] = {"test": test, "detection": {g: _scalars(v) for g, v in det_test.items()},
+                    "fit_time": shift_times, "params": _params(shift), "oracle_T_test": oracle}
+    return res
 
 
-def _strip(ev: dict) -> dict:
-    return {m: {g: {k: v for k, v in r.items() if not k.startswith("_")} for g, r in gs.items()}
-            for m, gs in ev.items()}
+def _scalars(dets: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    return {d: {k: v for k, v in r.items() if isinstance(v, float)} for d, r in dets.items()}
 
 
 def _params(methods: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, m in methods.items():
-        if isinstance(m, RateSelective):
-            m = m.sel
-        if m is None:
-            continue
         p: dict[str, Any] = {}
-        if hasattr(m, "temperature_"):
-            p["T"] = float(m.temperature_)
-        if isinstance(m, SelectiveScaling):
-            p.update(T_mis=float(m.temperature_mis_), threshold=m.threshold, best_epoch=m.best_epoch_,
-                     base_T=float(m.base_.temperature_) if m.base_ is not None else None)
-        if hasattr(m, "weights_"):
-            p["weights"] = [float(w) for w in m.weights_]
+        for attr, key in (("temperature_", "T"), ("temperature_mis_", "T_mis"), ("best_epoch_", "best_epoch")):
+            if hasattr(m, attr):
+                p[key] = float(getattr(m, attr))
+        base = getattr(m, "base_", None)
+        if base is not None and hasattr(base, "temperature_"):
+            p["base_T"] = float(base.temperature_)
         out[k] = p
     return out
 
@@ -640,82 +193,86 @@ def _f(v: Any, nd: int = 4) -> str:
     return f"{v:.{nd}f}"
 
 
+HDR = ("| method | ECE | MCE | ACE | CW-ECE | NLL | Brier | mIoU | bnd ECE | int ECE | ECE corr | ECE mis | fit s |\n"
+       + "|" + "---|" * 13)
+DHDR = "| detector | AUROC | AP | FPR95 | T_mis | base T |\n|---|---|---|---|---|---|"
+
+
+def _row(name: str, r: dict, t: float | None) -> str:
+    vals = [_f(r.get(k)) for k in ("ece", "mce", "ace", "cw_ece", "nll", "brier")]
+    vals += [_f(100 * r["miou"], 2) if "miou" in r else "–", _f(r.get("boundary_ece")), _f(r.get("interior_ece")),
+             _f(r.get("ece_correct")), _f(r.get("ece_wrong")), _f(t, 1) if t is not None else "–"]
+    return f"| {name} | " + " | ".join(vals) + " |"
+
+
+def _det_rows(dets: dict[str, dict], params: dict[str, Any]) -> list[str]:
+    return [f"| {d} | {_f(r.get('auroc'))} | {_f(r.get('ap'))} | {_f(r.get('fpr95'))} | "
+            f"{_f(params.get(d, {}).get('T_mis'), 3)} | {_f(params.get(d, {}).get('base_T'), 3)} |"
+            for d, r in dets.items()]
+
+
 def tables(results: dict[str, Any]) -> str:
     lines: list[str] = []
-    hdr = ("| method | ECE | ECE10 | MCE | ACE | CW-ECE | NLL | Brier | mIoU | bnd ECE | int ECE | ECE corr | ECE mis "
-           "| fit s |")
-    sep = "|" + "---|" * 14
-
-    def row(name: str, r: dict, t: float | None) -> str:
-        vals = [_f(r.get(k)) for k in ("ece", "ece10", "mce", "ace", "cw_ece", "nll", "brier")]
-        vals += [_f(100 * r["miou"], 2) if "miou" in r else "–", _f(r.get("boundary_ece")),
-                 _f(r.get("interior_ece")), _f(r.get("ece_correct")), _f(r.get("ece_mis")),
-                 _f(t, 1) if t is not None else "–"]
-        return f"| {name} | " + " | ".join(vals) + " |"
-
     for model, res in results["protocols"].items():
-        ind = res["in_domain"]
-        lines += [f"\n### {model} — in-domain (fit {len(res['split']['fit'])} / select {len(res['split']['select'])}"
-                  f" / held-out {len(res['split']['held_out'])} val images)\n", hdr, sep]
+        ind, sp = res["in_domain"], res["split"]
         ch = ind["chosen"]
+        lines += [f"\n### {model} — in-domain (fit {len(sp['fit'])} / select {len(sp['select'])} / held-out "
+                  f"{len(sp['held_out'])} val images)\n", HDR]
         for name, r in ind["held_out"].items():
-            if name == "msp":
-                continue
             lab = ch.get(name, name)
-            t = ind["fit_time"].get(lab) if name != "uncal" else None
-            star = " ★" if name == ch.get("selective") else ""
-            lines.append(row(f"{name}{f' ({lab})' if lab != name else ''}{star}", r["held_out"], t))
-        lines += ["", "Selective detector on held-out (flag = p_mis > τ): ", "",
-                  "| method | flag rate | error rate | recall | precision | det. acc | AUROC | AP | T_mis | base T |",
-                  "|" + "---|" * 10]
-        for name, r in ind["held_out"].items():
-            rr = r["held_out"]
-            if "flag_rate" in rr:
-                p = ind["params"].get(name, {})
-                lines.append(f"| {name} | {_f(rr['flag_rate'])} | {_f(rr['error_rate'])} | {_f(rr['recall'])} | "
-                             f"{_f(rr['precision'])} | {_f(rr['det_accuracy'])} | {_f(rr.get('auroc'))} | "
-                             f"{_f(rr.get('ap'))} | {_f(p.get('T_mis'), 3)} | {_f(p.get('base_T'), 3)} |")
-        m = ind["held_out"]["msp"]["held_out"]
-        lines.append(f"| MSP (uncal) | – | – | – | – | {_f(ind['msp_acc_held_out'])} (t={ind['msp_threshold']:.3f} "
-                     f"from select) | {_f(m.get('auroc'))} | {_f(m.get('ap'))} | – | – |")
+            star = " ★" if name == ch["selective"] else ""
+            lines.append(_row(f"{name}{f' ({lab})' if lab != name else ''}{star}", r, ind["fit_time"].get(lab)))
+        lines += ["", "Misprediction detection on held-out (Selective detectors vs MSP):\n", DHDR]
+        lines += _det_rows(ind["detection"], ind["params"])
         sh = res["shift"]
-        for g in [*(x for x in ("all", *SEQS) if x in next(iter(sh["test"].values())))]:
+        for g, methods in sh["test"].items():
             lines += [f"\n### {model} — shift: fit on all val, test `{g}` ({res['test_images']} test images total)\n",
-                      hdr, sep]
-            for name, r in sh["test"].items():
-                if name == "msp":
-                    continue
-                lab = ind["chosen"].get(name, name)
-                lines.append(row(f"{name}{f' ({lab})' if lab != name else ''}", r[g], sh["fit_time"].get(lab)))
-        lines += ["", f"#### {model} — why-analysis: Selective detectors, val (in-sample) vs test", "",
-                  "| method | set | flag rate | error rate | recall | precision | det. acc | AUROC | "
-                  "flagged conf/acc | unflagged conf/acc | T_mis | base T |", "|" + "---|" * 12]
-        for name in sh["test"]:
-            for setname, ev in (("val", sh["val_in_sample"]), *((g, sh["test"]) for g in ("all", *SEQS))):
-                if name not in ev or setname not in ev[name]:
-                    continue
-                rr = ev[name][setname]
-                if "flag_rate" not in rr:
-                    continue
-                p = sh["params"].get(name, {})
-                lines.append(
-                    f"| {name} | {setname} | {_f(rr['flag_rate'])} | {_f(rr['error_rate'])} | {_f(rr['recall'])} "
-                    f"| {_f(rr['precision'])} | {_f(rr['det_accuracy'])} | {_f(rr.get('auroc'))} | "
-                    f"{_f(rr['flagged_conf'], 3)}/{_f(rr['flagged_acc'], 3)} | "
-                    f"{_f(rr['unflagged_conf'], 3)}/{_f(rr['unflagged_acc'], 3)} | {_f(p.get('T_mis'), 3)} | "
-                    f"{_f(p.get('base_T'), 3)} |")
-        for setname, ev in (("val", sh["val_in_sample"]), *((g, sh["test"]) for g in ("all", *SEQS))):
-            if setname in ev["msp"]:
-                rr = ev["msp"][setname]
-                acc = sh["msp_acc"].get(setname)
-                lines.append(f"| MSP (uncal) | {setname} | – | {_f(1 - rr['accuracy'])} | – | – | "
-                             f"{_f(acc)} | {_f(rr.get('auroc'))} | – | – | – | – |")
-        lines.append(f"\nMSP threshold (max accuracy on val): {sh['msp_threshold']:.3f}; "
-                     f"uncalibrated mean confidence / accuracy per set: "
-                     + ", ".join(f"{s}: {_f(sh['test']['uncal'][s]['mean_conf'], 3)}/"
-                                 f"{_f(sh['test']['uncal'][s]['accuracy'], 3)}"
-                                 for s in sh["test"]["uncal"]))
+                      HDR]
+            for name, r in methods.items():
+                lab = ch.get(name, name)
+                lines.append(_row(f"{name}{f' ({lab})' if lab != name else ''}", r, sh["fit_time"].get(lab)))
+            lines += ["", f"Misprediction detection on test `{g}`:\n", DHDR]
+            lines += _det_rows(sh["detection"][g], sh["params"])
+        lines.append("\nOracle TS temperature on each test set (diagnostic, never used for a choice): "
+                     + ", ".join(f"{g}: {t:.3f}" for g, t in sh["oracle_T_test"].items())
+                     + f"; TS fitted on val: {_f(sh['params'].get('ts', {}).get('T'), 3)}")
     return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cache", type=Path, default=Path("cache"), help="logits cache folder")
+    ap.add_argument("--out", type=Path, default=Path("cache/calibrators"))
+    ap.add_argument("--quick", action="store_true", help="smoke run: every 6th val image, every 40th test image")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--models", default="espnet-camvid,espnet-cityscapes")
+    ap.add_argument("--families", nargs="*", default=None, help="baseline families (default all)")
+    ap.add_argument("--test-stride", type=int, default=6)
+    ap.add_argument("--max-pixels", type=int, default=300_000)
+    ap.add_argument("--lts-epochs", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=40, help="Selective detector epochs")
+    ap.add_argument("--thresholds", nargs="*", type=float, default=[0.3, 0.5])
+    ap.add_argument("--t-mis", nargs="*", default=["fit", "1000"])
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.test_stride, args.lts_epochs, args.epochs, args.thresholds, args.t_mis = 40, 1, 2, [0.5], ["fit"]
+    out = args.out / "quick" if args.quick else args.out
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = BenchmarkConfig(out=out, cache=args.cache, bootstrap_resamples=0, progress=False, seed=args.seed)
+    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "protocols": {}}
+    t0 = time.time()
+    for spec in args.models.split(","):
+        results["protocols"][spec] = study(cfg, spec, args, args.quick)
+        (out / f"results-{spec}.json").write_text(json.dumps(to_jsonable(results["protocols"][spec]), indent=1))
+        print(f"  done {spec} ({time.time() - t0:.0f} s)", flush=True)
+    (out / "results.json").write_text(json.dumps(to_jsonable(results), indent=1))
+    md = tables(results)
+    (out / "tables.md").write_text(md)
+    print(md)
+    return 0
 
 
 if __name__ == "__main__":

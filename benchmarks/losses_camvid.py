@@ -44,11 +44,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from segcal.data import CamVid
+from segcal.data import CamVid, Subset
 from segcal.engine import Trainer, predict
 from segcal.engine.evaluate import evaluate_store, to_jsonable
 from segcal.losses import ASLP, SCBCELoss, get_loss
-from segcal.metrics import CalibrationMetrics
 from segcal.models import load
 
 CAR = 8  # CamVid class index of "Car"
@@ -158,21 +157,9 @@ def binary_model(checkpoint: Path | None = None) -> nn.Module:
     return model
 
 
-class Subset:
-    """Every ``stride``-th item of a dataset (keeps ``split``/``num_classes``/``class_names``/``ignore_index``)."""
-
-    def __init__(self, dataset: Any, stride: int = 1) -> None:
-        self.dataset = dataset
-        self.indices = list(range(0, len(dataset), max(1, stride)))
-        for a in ("split", "num_classes", "class_names", "ignore_index", "dataset_name"):
-            if hasattr(dataset, a):
-                setattr(self, a, getattr(dataset, a))
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.dataset[self.indices[i]]
+def every(dataset: Any, stride: int) -> Subset:
+    """Every ``stride``-th image of a dataset (keeps its class names, split, ...)."""
+    return Subset(dataset, range(0, len(dataset), max(1, stride)))
 
 
 class CarVsRest:
@@ -222,17 +209,6 @@ def summary(out: dict[str, Any]) -> dict[str, Any]:
     return {k: out[k] for k in KEEP if k in out}
 
 
-@torch.no_grad()
-def evaluate_in_memory(model: nn.Module, dataset: Any, n_bins: int, batch_size: int = 4) -> dict[str, Any]:
-    """Val metrics without a store (CalibrationMetrics over the dataset, boundary band 2)."""
-    metric = CalibrationMetrics(model.num_classes, n_bins=n_bins, boundary_width=2)
-    for start in range(0, len(dataset), batch_size):
-        group = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        logits = model.predict_batch(np.stack([s["image"] for s in group]))
-        metric.update(logits, torch.as_tensor(np.stack([s["target"] for s in group])).long())
-    return {k: float(v) for k, v in metric.compute().items() if k in KEEP}
-
-
 # ----------------------------------------------------------------------------------------------------- phases
 def train_run(run: Run, run_dir: Path, train_data: Any, cfg: dict[str, Any]) -> nn.Module:
     """Fine-tune (or resume / reuse) one run; returns the trained model in eval mode."""
@@ -261,48 +237,29 @@ def mean_step_time(run_dir: Path) -> float:
 
 
 def val_metrics(name: str, run_dir: Path, make_model: Any, val_data: Any, n_bins: int) -> dict[str, Any]:
-    """Val metrics of a run (cached in ``run_dir/val.json``)."""
-    path = run_dir / "val.json"
-    cached = read_json(path)
-    if cached is not None:
-        return cached
-    log(f"val {name}")
-    out = evaluate_in_memory(make_model(), val_data, n_bins)
-    write_json(path, out)
-    return out
+    """Val metrics of a run (cached in ``run_dir/val.json``; logits in a resumable store ``run_dir/val-store``)."""
+    return store_metrics(f"val {name}", run_dir / "val.json", make_model, val_data, run_dir / "val-store", n_bins)
 
 
 def test_metrics(name: str, run_dir: Path, make_model: Any, test_data: Any, store_dir: Path, n_bins: int
                  ) -> dict[str, Any]:
     """Test metrics of a run (cached in ``run_dir/test.json``); logits cached in a resumable store."""
-    path = run_dir / "test.json"
+    return store_metrics(f"test {name}", run_dir / "test.json", make_model, test_data, store_dir, n_bins)
+
+
+def store_metrics(what: str, path: Path, make_model: Any, data: Any, store_dir: Path, n_bins: int) -> dict[str, Any]:
+    """``segcal.engine.evaluate.evaluate_store`` on the float32 logits of a model (boundary band 2), cached."""
     cached = read_json(path)
     if cached is not None:
         return cached
-    log(f"test {name} → {store_dir}")
-    store = predict(make_model(), test_data, store_dir, batch_size=4, progress=False)
-    if evaluate_store_works():
-        out = summary(evaluate_store(store, n_bins=n_bins, boundary_width=2, progress=False))
-    else:  # same metric class and settings, without the broken reliability summary
-        metric = CalibrationMetrics(store.num_classes, n_bins=n_bins, boundary_width=2)
-        for batch in store.batches(batch_size=4):
-            metric.update(batch["logits"], batch["target"])
-        out = {k: float(v) for k, v in metric.compute().items() if k in KEEP}
-    write_json(path, out)
-    return out
-
-
-def evaluate_store_works() -> bool:
-    """engine/evaluate.py's calibration_summary reads reliability()["counts"] but the metric returns "count"."""
-    from segcal.engine.evaluate import calibration_summary
-
-    metric = CalibrationMetrics(2)
-    metric.update(torch.zeros(1, 2, 1, 1), torch.zeros(1, 1, 1, dtype=torch.long))
-    try:
-        calibration_summary(metric)
-    except KeyError:
-        return False
-    return True
+    log(f"{what} → {store_dir}")
+    store = predict(make_model(), data, store_dir, batch_size=4, progress=False, logits_dtype="float32")
+    out = evaluate_store(store, n_bins=n_bins, boundary_width=2, progress=False)
+    result = summary(out)
+    if out.get("iou") is not None and store.num_classes == 2:  # binary task: IoU of the positive class (Car)
+        result["car_iou"] = float(out["iou"][1])
+    write_json(path, result)
+    return result
 
 
 def select(runs: list[Run], val: dict[str, dict], tol: float) -> dict[str, dict[str, Any]]:
@@ -498,8 +455,8 @@ def main(argv: list[str] | None = None) -> int:
                 "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])})
 
     train = CamVid(split="train")
-    val = Subset(CamVid(split="val"), val_n)
-    test = Subset(CamVid(split="test"), test_n)
+    val = every(CamVid(split="val"), val_n)
+    test = every(CamVid(split="test"), test_n)
 
     # 1. main grid: train + val metrics
     res.setdefault("val", {})
@@ -542,9 +499,6 @@ def main(argv: list[str] | None = None) -> int:
         ref_dir = out / "reference" / "car-pretrained"
         store_dir = out / "stores" / "car-pretrained-test"
         t = test_metrics("car-pretrained", ref_dir, lambda: binary_model().eval(), btest, store_dir, n_bins=10)
-        if "car_iou" not in t:
-            t["car_iou"] = car_iou(store_dir)
-            write_json(ref_dir / "test.json", t)
         res["binary_reference"] = {"label": "pretrained, not fine-tuned (reference)", "test": t}
         write_json(res_path, res)
     if bin_runs:
@@ -554,9 +508,6 @@ def main(argv: list[str] | None = None) -> int:
             model = train_run(run, run_dir, btrain, cfg)
             store_dir = out / "stores" / f"car-{run.name}-test"
             t = test_metrics(run.name, run_dir, lambda m=model: m, btest, store_dir, n_bins=10)
-            if "car_iou" not in t:
-                t["car_iou"] = car_iou(store_dir)
-                write_json(run_dir / "test.json", t)
             res["binary"][run.name] = {"label": label(run), "test": t, "step_time": mean_step_time(run_dir),
                                        "aslp_alpha": aslp_alpha_stats(run_dir)}
             write_json(res_path, res)
@@ -584,34 +535,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def car_iou(store_dir: Path) -> float:
-    from segcal.data import LogitsStore
-
-    store = LogitsStore(store_dir)
-    tp = fp = fn = 0
-    for batch in store.batches(batch_size=8):
-        pred = batch["logits"].argmax(1)
-        t = batch["target"]
-        v = t != 255
-        tp += int(((pred == 1) & (t == 1) & v).sum())
-        fp += int(((pred == 1) & (t == 0) & v).sum())
-        fn += int(((pred == 0) & (t == 1) & v).sum())
-    return tp / max(tp + fp + fn, 1)
-
-
 def aslp_alpha_stats(run_dir: Path) -> dict[str, float] | None:
+    """Summary of the per-image α an ASLP run ended with (read back through the loss's own state)."""
     ckpt = run_dir / "last.pt"
     if not ckpt.is_file():
         return None
     state = torch.load(ckpt, map_location="cpu", weights_only=True).get("loss") or {}
-    extra = state.get("inner._extra_state")
-    if not extra:
+    if not state:
         return None
-    a = np.array(list(extra["alpha"].values()), dtype=np.float64)
+    loss = TrainLoss(ASLP())
+    loss.load_state_dict(state, strict=False)
+    a = np.array(list(loss.inner.alpha_.values()), dtype=np.float64)
     if a.size == 0:
         return {"n": 0}
     return {"n": int(a.size), "mean": float(a.mean()), "max": float(a.max()), "min": float(a.min()),
-            "val_accuracy": extra.get("val_accuracy")}
+            "val_accuracy": loss.inner.val_accuracy}
 
 
 if __name__ == "__main__":

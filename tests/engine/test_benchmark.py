@@ -113,3 +113,57 @@ def _assert_close(a, b, tol=1e-6):
         assert abs(a - b) <= tol, (a, b)
     else:
         assert a == b
+
+
+def _toy_store(path: Path, n: int = 6) -> object:
+    from segcal.data import LogitsStore
+
+    g = torch.Generator().manual_seed(1)
+    store = LogitsStore.create(path, {"model": "m", "dataset": "d", "split": "val", "num_classes": 4})
+    for i in range(n):  # images get more label noise as i grows, so parts of the store fit different temperatures
+        logits = torch.randn(4, 6, 5, generator=g) * 3
+        noise = torch.rand(6, 5, generator=g) < 0.1 * i
+        store.write(f"im{i}", logits, torch.where(noise, torch.randint(0, 4, (6, 5), generator=g), logits.argmax(0)))
+    store.finalize()
+    return LogitsStore(path)
+
+
+def test_fit_on_some_images_of_a_store_equals_fit_on_a_store_of_those_images(tmp_path):
+    """fit_calibrators / fit_detectors(images=...) fit on a part of a split (e.g. a fit/select/held-out split)."""
+    from segcal.data import LogitsStore
+
+    full = _toy_store(tmp_path / "full")
+    part_names = ["im0", "im1", "im3"]
+    part = LogitsStore.create(tmp_path / "part", {"model": "m", "dataset": "d", "split": "val", "num_classes": 4})
+    for b in full.batches(1, names=part_names):
+        part.write(b["names"][0], b["logits"][0], b["target"][0])
+    part.finalize()
+    part = LogitsStore(tmp_path / "part")
+    cfg = _config(tmp_path / "o", tmp_path / "c")
+    some, _ = protocol.fit_calibrators(["ts"], full, None, cfg, images=part_names)
+    alone, _ = protocol.fit_calibrators(["ts"], part, None, cfg)
+    every, _ = protocol.fit_calibrators(["ts"], full, None, cfg)
+    assert float(some["ts"].temperature_) == pytest.approx(float(alone["ts"].temperature_), rel=1e-6)
+    assert float(some["ts"].temperature_) != pytest.approx(float(every["ts"].temperature_), rel=1e-3)
+    from segcal.detectors import DETECTORS
+
+    det = {"sml": protocol.build_method(DETECTORS, "sml", 255)}
+    protocol.fit_detectors(det, full, None, cfg, images=part_names)
+    ref = {"sml": protocol.build_method(DETECTORS, "sml", 255)}
+    protocol.fit_detectors(ref, part, None, cfg)
+    x = torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(det["sml"].score(x), ref["sml"].score(x))
+
+
+def test_cached_store_reuses_a_complete_store_with_features(tmp_path):
+    from engine_toys import ToyDataset, ToySegmenter
+
+    cfg = _config(tmp_path / "o", tmp_path / "cache")
+    model, data = ToySegmenter(), ToyDataset(n=4)
+    with_features = protocol.cached_store(model, "toy", data, "val", cfg, features=True)
+    calls = model.calls
+    plain = protocol.cached_store(model, "toy", data, "val", cfg)
+    assert model.calls == calls and plain.path == with_features.path  # nothing predicted again
+    other = ToyDataset(n=3)  # different images: predicted into its own store
+    assert protocol.cached_store(model, "toy", other, "val", cfg).path != with_features.path
+    assert model.calls > calls

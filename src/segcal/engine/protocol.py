@@ -184,8 +184,14 @@ def cached_store(model: Any, spec: str, dataset: Any, split: str, cfg: Benchmark
     tag = (split if cfg.n_images is None else f"{split}-n{cfg.n_images}") + f"-{cfg.store_dtype}"
     ignore = "none" if cfg.ignore_index is None else str(cfg.ignore_index)
     path = Path(cfg.cache) / "logits" / _slug(spec) / _slug(f"{cfg.data}|ignore={ignore}") / tag
+    with_features = path.with_name(path.name + "-features")
     if features:
-        path = path.with_name(path.name + "-features")
+        path = with_features
+    elif not path.exists() and (with_features / "manifest.json").is_file():
+        # a complete store with features holds the same logits: reuse it rather than predicting again
+        store, wanted = LogitsStore(with_features), getattr(dataset, "names", None)
+        if wanted is not None and sorted(map(str, wanted)) == sorted(store.names):
+            return store
     return predict(model, dataset, path, batch_size=cfg.batch_size, features=features, progress=cfg.progress,
                    logits_dtype=cfg.store_dtype)
 
@@ -224,14 +230,15 @@ def build_method(registry: Any, name: str, ignore_index: int | None, kwargs: dic
 
 
 def fit_calibrators(names: Sequence[str], store: LogitsStore, dataset: Any, cfg: BenchmarkConfig,
-                    ) -> tuple[dict[str, Any], dict[str, float]]:
-    """Fit each named calibrator on a store. Returns ``{name: fitted}`` and fit times in seconds."""
+                    images: Sequence[str] | None = None) -> tuple[dict[str, Any], dict[str, float]]:
+    """Fit each named calibrator on a store (``images``: only these of its images, e.g. a fit part of a split).
+    Returns ``{name: fitted}`` and fit times in seconds."""
     from segcal.calibrators import CALIBRATORS
 
     fitted, times = {}, {}
     for name in names:
         cal = build_method(CALIBRATORS, name, store.ignore_index, cfg.method_kwargs.get(name))
-        source = store_source(store, cfg, dataset=dataset, images=_needs(cal, "needs_images"))
+        source = store_source(store, cfg, dataset=dataset, images=_needs(cal, "needs_images"), names=images)
         torch.manual_seed(cfg.seed)
         start = time.perf_counter()
         cal.fit(source)
@@ -365,15 +372,16 @@ def make_detectors(names: Sequence[str], model_name: str, model_has_features: bo
     return out
 
 
-def fit_detectors(detectors: dict[str, Any], store: LogitsStore, dataset: Any, cfg: BenchmarkConfig
-                  ) -> dict[str, float]:
-    """Fit the detectors that learn (``requires_fit`` and not already fitted) on the fit split's store."""
+def fit_detectors(detectors: dict[str, Any], store: LogitsStore, dataset: Any, cfg: BenchmarkConfig,
+                  images: Sequence[str] | None = None) -> dict[str, float]:
+    """Fit the detectors that learn (``requires_fit`` and not already fitted) on the fit split's store
+    (``images``: only these of its images)."""
     times = {}
     for name, det in detectors.items():
         if not _needs(det, "requires_fit") or det.is_fitted():
             continue
         source = store_source(store, cfg, dataset=dataset, images=_needs(det, "needs_images"),
-                              features=_needs(det, "needs_features"))
+                              features=_needs(det, "needs_features"), names=images)
         torch.manual_seed(cfg.seed)
         start = time.perf_counter()
         det.fit(source)
@@ -672,7 +680,8 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1))
 
 
-def _eval_sets(split: str, store: LogitsStore) -> dict[str, list[str] | None]:
+def eval_sets(split: str, store: LogitsStore) -> dict[str, list[str] | None]:
+    """``{split: None (all images), "split <subset>": names}`` for the named subsets the store declares."""
     sets: dict[str, list[str] | None] = {split: None}
     present = set(store.names)
     for sub, names in (getattr(store, "subsets", None) or {}).items():
@@ -694,7 +703,7 @@ def _calibration_stage(run: _Run, cfg: BenchmarkConfig, names: Sequence[str], la
         store = run.stores[split]
         _stage(f"{label}: calibration metrics on {split} ({len(store)} images) and its subsets")
         res, boot = evaluate_calibrators_on_sets(store, run.datasets[split], calibrators, cfg,
-                                                 _eval_sets(split, store))
+                                                 eval_sets(split, store))
         prefix = "" if label == "main" else f"shift: {run.spec} → "
         calibration.update({prefix + k: v for k, v in res.items()})
         bootstrap.update({prefix + k: v for k, v in boot.items() if v})
@@ -765,7 +774,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
     detection: dict[str, Any] = {}
     for split in cfg.eval_splits:
         sets = {f"IDM: {k} (positive = mispredicted pixel)": v
-                for k, v in _eval_sets(split, run.stores[split]).items()}
+                for k, v in eval_sets(split, run.stores[split]).items()}
         detection.update(evaluate_idm_on_sets(run.stores[split], run.datasets[split], detectors, cfg, sets))
     if cfg.anomalies:
         if _has_module("skimage"):
@@ -926,5 +935,7 @@ def demo_config(out: Path, n_images: int = 16, synthetic: bool | None = None) ->
                            shift_calibrators=("ts",), **quick)
 
 
-__all__ = ["RESULTS_SCHEMA", "BenchmarkConfig", "all_calibrators", "all_detectors", "demo_config", "fit_calibrators",
-           "real_data_available", "run_benchmark"]
+__all__ = ["RESULTS_SCHEMA", "BenchmarkConfig", "all_calibrators", "all_detectors", "build_method", "cached_store",
+           "demo_config", "eval_sets", "evaluate_anomalies", "evaluate_calibrators_on_sets", "evaluate_corruptions",
+           "evaluate_idm_on_sets", "fit_calibrators", "fit_detectors", "load_model", "make_dataset", "make_detectors",
+           "real_data_available", "run_benchmark", "store_source"]
