@@ -62,7 +62,8 @@ def main() -> None:
     for variant in ("u", "c"):
         det = DETECTORS.resolve(f"flowenedet-{variant}").pretrained("espnet-camvid")
         for r in args.strides:
-            dets[f"FED-{variant.upper()} score_stride={r}"] = (det, r)
+            tag = " (default: = downsample)" if r == det.downsample else " (before issue 14)" if r == 1 else ""
+            dets[f"FED-{variant.upper()} score_stride={r}{tag}"] = (det, r)
 
     print(f"ESPNet-CamVid ({weights}), input 1x3x{args.size[0]}x{args.size[1]}, logits {tuple(logits.shape)}, "
           f"features {tuple(feats.shape)}; min over {args.repeats} interleaved rounds")

@@ -31,6 +31,7 @@ def test_stride_one_is_bit_identical_to_the_full_resolution_path(fitted):
     det, (z, _y, f) = fitted
     det.score_stride = 1
     torch.testing.assert_close(det.score(z, f), _full_reference(det, z, f), atol=0, rtol=0)
+    det.score_stride = None
 
 
 @pytest.mark.parametrize("stride", [2, 4])
@@ -44,7 +45,18 @@ def test_coarse_path_is_the_flow_on_pooled_logits_upsampled(fitted, stride):
     coarse = torch.sigmoid(det.net_.error_logit(u, cond, max(1, det.downsample // stride)))
     want = F.interpolate(coarse[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
     torch.testing.assert_close(det.score(z, f), want, atol=1e-6, rtol=0)
+    det.score_stride = None
+
+
+def test_default_stride_is_the_conditioner_grid(fitted):
+    det, (z, _y, f) = fitted
+    assert det.score_stride is None
+    default = det.score(z, f)
+    det.score_stride = det.downsample
+    torch.testing.assert_close(det.score(z, f), default, atol=0, rtol=0)
     det.score_stride = 1
+    assert not torch.allclose(det.score(z, f), default)
+    det.score_stride = None
 
 
 def test_coarse_path_follows_the_full_path_on_blockwise_constant_logits(fitted):
@@ -56,7 +68,7 @@ def test_coarse_path_follows_the_full_path_on_blockwise_constant_logits(fitted):
     full = det.score(zc, f)
     det.score_stride = 4
     coarse = det.score(zc, f)
-    det.score_stride = 1
+    det.score_stride = None
     block = box_pool(coarse[:, None], 4) - box_pool(full[:, None], 4)
     assert block.abs().mean() < 0.1, block.abs().mean()
     assert torch.corrcoef(torch.stack([coarse.flatten(), full.flatten()]))[0, 1] > 0.8
@@ -69,7 +81,7 @@ def test_scores_are_upsampled_to_the_logits_size(fitted, stride, hw):
     det.score_stride = stride
     z = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(0)) * 3
     s = det.score(z, torch.randn(2, 8, -(-hw[0] // 2), -(-hw[1] // 2)))
-    det.score_stride = 1
+    det.score_stride = None
     assert s.shape == (2, *hw) and s.dtype == torch.float32
     assert bool(((s >= 0) & (s <= 1)).all()) and bool(torch.isfinite(s).all())
 
@@ -99,6 +111,6 @@ def test_score_stride_is_validated_saved_and_defaulted_for_old_files(fitted, tmp
     loaded = FlowEneDet.load(tmp_path / "fed.pt")
     assert loaded.score_stride == 2
     torch.testing.assert_close(loaded.score(z, f), det.score(z, f), atol=0, rtol=0)
-    det.score_stride = 1
+    det.score_stride = None
     shipped = type(FlowEneDet(variant="c")).pretrained("espnet-camvid")  # saved before score_stride existed
     assert shipped.score_stride == FlowEneDet().score_stride
