@@ -27,6 +27,9 @@ def check_dense_scores(logits: object, name: str = "logits") -> Tensor:
         raise TypeError(f"`{name}` must be a floating tensor, got {logits.dtype}")
     if logits.shape[1] < 2:
         raise ValueError(f"`{name}` must have at least 2 classes on dim 1, got C={logits.shape[1]}")
+    if logits.numel() == 0:
+        raise ValueError(f"`{name}` is empty (shape {tuple(logits.shape)}): give at least one image of at least one "
+                         "pixel")
     check_finite(logits, name)
     return logits
 

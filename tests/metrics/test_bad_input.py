@@ -63,3 +63,18 @@ def test_ignore_index_none_uses_every_pixel():
     preds, target = _ok()
     out = F.calibration_metrics(preds, target, ignore_index=None)
     assert float(out["n_pixels"]) == 16
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 8, 8), (1, 5, 0, 8), (2, 5, 8, 0)])
+def test_empty_batches_are_one_line_value_errors(shape):
+    from segcal.metrics import CalibrationMetrics
+
+    with pytest.raises(ValueError, match="empty"):
+        CalibrationMetrics(5).update(torch.zeros(shape), torch.zeros(shape[0], *shape[2:], dtype=torch.long))
+
+
+def test_absurd_bin_count_is_refused_before_allocating():
+    from segcal.metrics import CalibrationMetrics
+
+    with pytest.raises(ValueError, match="at most"):
+        CalibrationMetrics(5, n_bins=1_000_000_000)

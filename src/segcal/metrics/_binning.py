@@ -124,9 +124,16 @@ def refuse_meta(x: object, name: str) -> None:
         raise ValueError(f"`{name}` is on the meta device (a shape without values); metrics need real tensors")
 
 
+#: more bins than any calibration estimate can use; beyond it the (C, bins) states alone would take gigabytes
+MAX_BINS = 100_000
+
+
 def check_n_bins(n_bins: object, name: str = "n_bins") -> int:
     if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
         raise ValueError(f"`{name}` must be a positive int, got {n_bins!r}")
+    if n_bins > MAX_BINS:
+        raise ValueError(f"`{name}` must be at most {MAX_BINS} (equal-width bins finer than 1e-5 hold no pixels and "
+                         f"the states would not fit in memory), got {n_bins}")
     return n_bins
 
 
