@@ -28,6 +28,7 @@ COMMANDS = {
     "detect": "write per-pixel error / OOD score maps for a folder of images",
     "evaluate-detection": "error (IDM) and OOD detection metrics of detectors on a logits store",
     "benchmark": "the full protocol on a model and labelled data: results.json, results.md and a report",
+    "conformal": "conformal risk control: fit a guarantee on a calibration store, judge it on held-out stores",
     "report": "render a results folder as a self-contained HTML report",
     "demo": "the quick end-to-end job (README's first command)",
 }
@@ -453,6 +454,9 @@ def _add_benchmark(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (0 = none)")
     p.add_argument("--pretrained-detectors", action="store_true",
                    help="use a detector's shipped fit for --model when one exists")
+    p.add_argument("--conformal", action="append", default=[], metavar="METHOD[:K=V,...]",
+                   help="also fit a conformal risk controller, e.g. coverage:alpha=0.1,epsilon=0.1 or "
+                        "fnr:alpha=0.1,class_index=8 (repeatable)")
     p.add_argument("--checkpoints", help="folder of `segcal train` runs to evaluate too")
     p.add_argument("--method-arg", action="append", metavar="METHOD:K=V", default=[],
                    help="hyperparameter of one method, e.g. lts:epochs=2 (repeatable)")
@@ -474,6 +478,14 @@ def _method_kwargs(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _conformal_specs(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for item in items:
+        method, _, rest = item.partition(":")
+        out[item] = {"method": method, **_key_values([kv for kv in rest.split(",") if kv])}
+    return out
+
+
 def _run_benchmark(args: argparse.Namespace) -> int:
     from segcal.engine.protocol import BenchmarkConfig, run_benchmark
 
@@ -485,7 +497,8 @@ def _run_benchmark(args: argparse.Namespace) -> int:
                           n_shift_images=args.n_shift_images, n_bins=args.n_bins,
                           bootstrap_resamples=args.bootstrap, pretrained_detectors=args.pretrained_detectors,
                           checkpoints=Path(args.checkpoints) if args.checkpoints else None,
-                          method_kwargs=_method_kwargs(args.method_arg), batch_size=args.batch_size,
+                          method_kwargs=_method_kwargs(args.method_arg), conformal=_conformal_specs(args.conformal),
+                          batch_size=args.batch_size,
                           cache=Path(args.cache), seed=args.seed)
     run_benchmark(cfg)
     print(f"results: {Path(args.out) / 'results.json'}\nreport:  {Path(args.out) / 'index.html'}")
@@ -520,15 +533,61 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------- conformal
+def _add_conformal(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="coverage", help="coverage (pixel sets, image-level coverage risk) or fnr "
+                                                        "(one class's mask, false-negative rate)")
+    p.add_argument("--alpha", type=float, default=0.1, help="risk level α: E[loss] ≤ α on exchangeable images")
+    p.add_argument("--arg", action="append", metavar="K=V", help="controller parameter, e.g. epsilon=0.1, "
+                                                                 "class_index=8 (repeatable)")
+    p.add_argument("--logits", required=True, help="calibration logits store (labelled; e.g. the val split)")
+    p.add_argument("--eval", action="append", default=[], metavar="NAME=STORE",
+                   help="held-out labelled store to judge the guarantee on (repeatable)")
+    p.add_argument("--calibrator", help="a fitted calibrator file: scores come from its probabilities")
+    p.add_argument("--out", help="save the fitted controller here")
+    p.add_argument("--json", help="write the evaluation here")
+
+
+def _run_conformal(args: argparse.Namespace) -> int:
+    from segcal.conformal import evaluate, get_controller
+    from segcal.data import LogitsStore
+
+    store = LogitsStore(args.logits)
+    params: dict[str, Any] = {"ignore_index": store.ignore_index, "alpha": args.alpha, **_key_values(args.arg)}
+    if args.calibrator:
+        from segcal.calibrators import load as load_calibrator
+
+        params["calibrator"] = load_calibrator(args.calibrator)
+    controller = get_controller(args.method, **params)
+    evals = {}
+    for item in args.eval:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise ValueError(f"--eval expects NAME=STORE, got {item!r}")
+        evals[name] = LogitsStore(path)
+    result = evaluate(controller, store, evals, alphas=sorted({0.05, 0.1, 0.2, args.alpha}))
+    log.info("%s fitted on %d images: threshold %.6g (risk bound %.4g at α=%g)", type(controller).__name__,
+             len(store), controller.threshold_, controller.risk_bound_, args.alpha)
+    for name, split in result["splits"].items():
+        lo, hi = split["risk_ci"]
+        print(f"{name}: risk {split['risk']:.4f} [{lo:.4f}, {hi:.4f}]  meets α: {split['meets_alpha']}  "
+              f"mean set size {split['mean_set_size']:.3f}")
+    if args.out:
+        controller.save(args.out)
+    if args.json:
+        _write_json(args.json, result)
+    return 0
+
+
 _ADD_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "train": _add_train, "predict": _add_predict, "fit": _add_fit, "evaluate": _add_evaluate, "report": _add_report,
     "benchmark": _add_benchmark, "demo": _add_demo, "detect": _add_detect,
-    "evaluate-detection": _add_evaluate_detection,
+    "evaluate-detection": _add_evaluate_detection, "conformal": _add_conformal,
 }
 _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": _run_train, "predict": _run_predict, "fit": _run_fit, "evaluate": _run_evaluate, "report": _run_report,
     "benchmark": _run_benchmark, "demo": _run_demo, "detect": _run_detect,
-    "evaluate-detection": _run_evaluate_detection,
+    "evaluate-detection": _run_evaluate_detection, "conformal": _run_conformal,
 }
 
 

@@ -194,3 +194,28 @@ def test_a_calibrator_registered_in_user_code_reaches_fit_and_benchmark(tmp_path
                  "--cache", str(tmp_path / "cache")]) == 0
     results = json.loads((out / "results.json").read_text())
     assert "half-temperature" in results["calibration"]["test"]
+
+
+def test_conformal_command_and_protocol_stage(tmp_path, user_setup):
+    model_file, data = user_setup
+    stores = {}
+    for split in ("val", "test"):
+        stores[split] = tmp_path / split
+        assert main(["predict", "--model", f"{model_file}:build", "--data", str(data), "--split", split,
+                     "--ignore-index", "99", "--preprocess", "none", "--out", str(stores[split])]) == 0
+    assert main(["conformal", "--method", "coverage", "--alpha", "0.2", "--arg", "epsilon=0.2",
+                 "--logits", str(stores["val"]), "--eval", f"test={stores['test']}", "--out", str(tmp_path / "c.pt"),
+                 "--json", str(tmp_path / "c.json")]) == 0
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert result["splits"]["test"]["n_images"] == 5 and result["alpha"] == 0.2
+    from segcal.conformal import load
+
+    assert load(tmp_path / "c.pt").ignore_index == VOID
+    out = tmp_path / "bench"
+    assert main(["benchmark", "--model", f"{model_file}:build", "--data", str(data), "--ignore-index", "99",
+                 "--preprocess", "none", "--calibrators", "ts", "--detectors", "msp", "--corruptions",
+                 "--no-anomalies", "--bootstrap", "0", "--conformal", "fnr:alpha=0.2,class_index=1",
+                 "--out", str(out), "--cache", str(tmp_path / "cache")]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["conformal"]["fnr:alpha=0.2,class_index=1"]["splits"]["test"]["n_images"] == 5
+    assert "Conformal risk control" in (out / "index.html").read_text()

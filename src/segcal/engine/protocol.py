@@ -93,6 +93,8 @@ class BenchmarkConfig:
         pretrained_detectors: use a detector's shipped fit for this model when it has one.
         method_kwargs: hyperparameters per method name.
         bootstrap_resamples: paired bootstrap resamples over images for the report's claims (0 = none).
+        conformal: conformal risk controllers to fit on the fit split and judge on the evaluation splits, as
+            ``{label: {"method": "coverage" | "fnr", **controller params}}`` (see :mod:`segcal.conformal`).
         store_dtype: logits kept as ``float32`` (metrics equal a direct computation from the model) or ``float16``.
     """
 
@@ -120,6 +122,7 @@ class BenchmarkConfig:
     checkpoints: Path | None = None
     method_kwargs: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(BENCHMARK_KWARGS))
     bootstrap_resamples: int = 1000
+    conformal: dict[str, dict[str, Any]] = field(default_factory=dict)
     store_dtype: str = "float32"
     batch_size: int = 4
     cache: Path = Path("cache")
@@ -788,6 +791,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
         _stage(f"corruptions {list(cfg.corruptions)} at severities {list(cfg.severities)} on {first_eval}")
         shift = evaluate_corruptions(run.model, eval_set, detectors, calibrators, cfg)
 
+    conformal = _conformal_stage(run, cfg)
     class_names = _class_names(fit_store)
     palette = class_palette(len(class_names), eval_set)
     results: dict[str, Any] = {
@@ -805,6 +809,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
         "bootstrap": bootstrap,
         "detection": detection,
         "shift": shift,
+        "conformal": conformal,
         "examples": [],
         "skipped": skipped,
     }
@@ -814,6 +819,24 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
     _finish_outputs(results, run.stores[first_eval], eval_set, detectors, out, cfg, palette)
     _stage(f"wrote {out / 'results.json'} and {out / 'index.html'}")
     return results
+
+
+def _conformal_stage(run: _Run, cfg: BenchmarkConfig) -> dict[str, Any]:
+    """Each configured risk controller fitted on the fit split and judged on every evaluation split (and subsets)."""
+    if not cfg.conformal:
+        return {}
+    from segcal.conformal import evaluate, get_controller
+
+    fit_store = run.stores[cfg.fit_split]
+    out = {}
+    for label, spec in cfg.conformal.items():
+        params = {k: v for k, v in spec.items() if k != "method"}
+        params.setdefault("ignore_index", fit_store.ignore_index)
+        _stage(f"conformal {label}: fit on {cfg.fit_split}, judged on {list(cfg.eval_splits)}")
+        controller = get_controller(str(spec.get("method", label)), **params)
+        out[label] = to_jsonable(evaluate(controller, fit_store, {s: run.stores[s] for s in cfg.eval_splits},
+                                          class_names=_class_names(fit_store)))
+    return out
 
 
 def _finish_outputs(results: dict[str, Any], store: LogitsStore, dataset: Any, detectors: dict[str, Any], out: Path,
@@ -928,7 +951,8 @@ def demo_config(out: Path, n_images: int = 16, synthetic: bool | None = None) ->
         synthetic = not real_data_available()
     quick = dict(calibrators=QUICK_CALIBRATORS, detectors=QUICK_DETECTORS, corruptions=QUICK_CORRUPTIONS,
                  severities=(1, 3, 5), method_kwargs=QUICK_KWARGS, n_examples=2, n_shift_images=8,
-                 bootstrap_resamples=500)
+                 bootstrap_resamples=500, conformal={"coverage": {"method": "coverage", "alpha": 0.1,
+                                                                  "epsilon": 0.1}})
     if synthetic:
         return BenchmarkConfig(out=out, data="synthetic", shift_models=(), n_images=None, anomalies=False, **quick)
     return BenchmarkConfig(out=out, data="camvid", n_images=n_images, pretrained_detectors=True,
