@@ -38,7 +38,7 @@ from torch import Tensor
 
 from segcal._io import atomic_write_bytes, clean_orphans, confine, file_mode, temp_file
 
-__all__ = ["IDENTITY_KEYS", "CorruptEntryError", "Entry", "LogitsStore", "StoreMismatchError"]
+__all__ = ["DEFAULT_IGNORE_INDEX", "IDENTITY_KEYS", "CorruptEntryError", "Entry", "LogitsStore", "StoreMismatchError"]
 
 FORMAT = "segcal-logits-store"
 VERSION = 1
@@ -47,6 +47,8 @@ MANIFEST = "manifest.json"
 IDENTITY_KEYS = ("model", "model_fingerprint", "dataset", "split", "num_classes", "class_names", "ignore_index",
                  "features", "logits_dtype")
 _FLOAT16_MAX = 65504.0
+#: the void label assumed when neither the data nor a store says otherwise (segcal's default ``ignore_index``)
+DEFAULT_IGNORE_INDEX = 255
 
 
 class CorruptEntryError(ValueError):
@@ -186,7 +188,7 @@ class LogitsStore:
             raise ValueError(f"`manifest['num_classes']` must be an int >= 2, got {nc!r}")
         if not isinstance(rank, int) or rank < 0:
             raise ValueError(f"`rank` must be a non-negative int, got {rank!r}")
-        ign = manifest.get("ignore_index", 255)
+        ign = manifest.get("ignore_index", DEFAULT_IGNORE_INDEX)
         if ign is not None and (isinstance(ign, bool) or not isinstance(ign, int)):
             raise ValueError(f"`manifest['ignore_index']` must be an int or None, got {ign!r}")
         names = manifest.get("class_names")
@@ -195,7 +197,7 @@ class LogitsStore:
         root = Path(path)
         (root / "entries").mkdir(parents=True, exist_ok=True)
         (root / "shards").mkdir(exist_ok=True)
-        header = {"format": FORMAT, "version": VERSION, "features": False, "ignore_index": 255,
+        header = {"format": FORMAT, "version": VERSION, "features": False, "ignore_index": DEFAULT_IGNORE_INDEX,
                   "class_names": None, "subsets": {}, **manifest, "entries": {}}
         header["features"] = bool(header["features"])
         if header["class_names"] is not None:
@@ -226,7 +228,7 @@ class LogitsStore:
                     os.unlink(tmp)
         store = cls(root, verify=verify)
         # stores written before ignore_index / logits_dtype were recorded
-        existing = {"ignore_index": 255, "logits_dtype": "float16", **store._header}
+        existing = {"ignore_index": DEFAULT_IGNORE_INDEX, "logits_dtype": "float16", **store._header}
         diffs = [k for k in IDENTITY_KEYS if k in header and existing.get(k) != header.get(k)]
         if diffs:
             detail = "; ".join(f"{k}: store has {existing.get(k)!r}, requested {header.get(k)!r}" for k in diffs)
@@ -452,7 +454,7 @@ class LogitsStore:
     @property
     def ignore_index(self) -> int | None:
         """The void label recorded by the writer (``None``: no void label); 255 for stores that predate the key."""
-        return self._header.get("ignore_index", 255)
+        return self._header.get("ignore_index", DEFAULT_IGNORE_INDEX)
 
     @property
     def subsets(self) -> dict[str, list[str]]:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from segcal.data.store import LogitsStore
+from segcal.data.store import DEFAULT_IGNORE_INDEX, LogitsStore
 
 __all__ = ["dataset_id", "dataset_subsets", "dist_info", "model_fingerprint", "predict", "store_manifest"]
 
@@ -99,8 +99,9 @@ def store_manifest(segmenter: Any, dataset: Any, features: bool = False) -> dict
 
     Keys: ``model``, ``model_fingerprint``, ``dataset``, ``split``, ``num_classes`` (the model's C),
     ``class_names`` (the dataset's when it declares them, else the model's, else ``class_0 …``), ``ignore_index``
-    (the dataset's, ``None`` allowed = no void label; 255 when the dataset does not say), ``subsets`` (the dataset's
-    named subsets of this split, ``{}`` if none), ``features``, ``feature_channels``, ``order``, ``num_images``.
+    (the dataset's, ``None`` allowed = no void label; ``DEFAULT_IGNORE_INDEX`` when the dataset does not say),
+    ``subsets`` (the dataset's named subsets of this split, ``{}`` if none), ``features``, ``feature_channels``,
+    ``order``, ``num_images``.
 
     Raises:
         ValueError: the dataset declares a class count (``class_names`` / ``num_classes``) that differs from the
@@ -118,7 +119,7 @@ def store_manifest(segmenter: Any, dataset: Any, features: bool = False) -> dict
         raise ValueError(f"model {model_name!r} predicts C={num_classes} classes but the dataset has "
                          f"num_classes={ds_count}")
     class_names = ds_names or getattr(segmenter, "class_names", None) or [f"class_{i}" for i in range(num_classes)]
-    ignore_index = _dataset_attr(dataset, "ignore_index", 255)
+    ignore_index = _dataset_attr(dataset, "ignore_index", DEFAULT_IGNORE_INDEX)
     if ignore_index is not None:
         ignore_index = int(ignore_index)
     return {

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from segcal._progress import progress_bar
-from segcal.data.store import LogitsStore
+from segcal.data.store import DEFAULT_IGNORE_INDEX, LogitsStore
 from segcal.data.subset import Subset
 from segcal.engine.evaluate import calibration_summary, images_of, to_jsonable
 from segcal.engine.inference import predict
@@ -103,7 +103,7 @@ class BenchmarkConfig:
     data: str = "camvid"
     fit_split: str = "val"
     eval_splits: Sequence[str] = ("test",)
-    ignore_index: int | None = 255
+    ignore_index: int | None = DEFAULT_IGNORE_INDEX
     preprocess: str = "imagenet"
     device: str | None = None
     calibrators: Sequence[str] | None = None
@@ -565,7 +565,12 @@ def _shift_point(model: Any, dataset: Any, ignore: int | None, detectors: dict[s
 def _colormap(values: np.ndarray, cmap: str = "magma") -> np.ndarray:
     import matplotlib
 
-    return (matplotlib.colormaps[cmap](np.clip(values, 0, 1))[..., :3] * 255).astype(np.uint8)
+    return _to_uint8(matplotlib.colormaps[cmap](np.clip(values, 0, 1))[..., :3])
+
+
+def _to_uint8(unit: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] → uint8 0…255 (truncating, as the panels always were)."""
+    return (unit * np.iinfo(np.uint8).max).astype(np.uint8)
 
 
 def _rank_normalise(score: np.ndarray) -> np.ndarray:
@@ -616,7 +621,7 @@ def write_examples(store: LogitsStore, dataset: Any, detectors: dict[str, Any], 
             valid = target != ignore if ignore is not None else np.ones(target.shape, bool)
             panels["ground truth"] = _colorize(np.where(valid, target, -1), palette)
             error = (pred.numpy() != target) & valid
-            panels["errors (white)"] = np.repeat((error * 255).astype(np.uint8)[..., None], 3, axis=2)
+            panels["errors (white)"] = np.repeat(_to_uint8(error.astype(np.float64))[..., None], 3, axis=2)
         images = _batch_images([sample])
         with torch.inference_mode():
             for d, det in detectors.items():
@@ -645,18 +650,10 @@ def _markdown(results: dict[str, Any]) -> str:
     cols = ("ece", "mce", "ace", "cw_ece", "nll", "brier", "oe", "boundary_ece", "interior_ece", "miou",
             "ece_correct", "ece_wrong")
     for eval_set, methods in results.get("calibration", {}).items():
-        lines += [f"## Calibration — {eval_set}", "", "| method | " + " | ".join(cols) + " |",
-                  "|---" * (len(cols) + 1) + "|"]
-        for m, r in methods.items():
-            lines.append(f"| {m} | " + " | ".join(_md_num(r.get(c)) for c in cols) + " |")
-        lines.append("")
+        lines += _md_table(f"Calibration — {eval_set}", "method", cols, methods)
     dcols = ("auroc", "ap", "fpr95", "auroc_per_image", "ap_per_image", "fpr95_per_image", "open_set_miou")
     for protocol, dets in results.get("detection", {}).items():
-        lines += [f"## Detection — {protocol}", "", "| detector | " + " | ".join(dcols) + " |",
-                  "|---" * (len(dcols) + 1) + "|"]
-        for d, r in dets.items():
-            lines.append(f"| {d} | " + " | ".join(_md_num(r.get(c)) for c in dcols) + " |")
-        lines.append("")
+        lines += _md_table(f"Detection — {protocol}", "detector", dcols, dets)
     shift = results.get("shift") or {}
     if shift:
         keys = sorted({k for by_sev in shift.values() for v in by_sev.values() for k in v})
@@ -671,6 +668,12 @@ def _markdown(results: dict[str, Any]) -> str:
     for item in results.get("skipped", []):
         lines.append(f"- skipped {item['stage']}: {item['reason']}")
     return "\n".join(lines)
+
+
+def _md_table(title: str, row_label: str, cols: Sequence[str], rows: dict[str, dict[str, Any]]) -> list[str]:
+    lines = [f"## {title}", "", f"| {row_label} | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(_md_num(r.get(c)) for c in cols) + " |" for name, r in rows.items()]
+    return [*lines, ""]
 
 
 def _md_num(v: Any) -> str:

@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from segcal.data.store import DEFAULT_IGNORE_INDEX
+
 __all__ = ["NonFiniteLossError", "TrainConfig", "Trainer", "cross_entropy", "evaluate_model", "train"]
 
 CHECKPOINT = "last.pt"
 LOG = "log.jsonl"
-#: ignore label used only when ``ignore_index="data"`` and the training set declares none.
-DEFAULT_IGNORE_INDEX = 255
 #: TrainConfig fields that only change validation reporting: a resume may change them.
 _REPORT_ONLY = ("val_subset", "val_batch_size", "n_bins")
 
