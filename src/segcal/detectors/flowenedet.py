@@ -431,14 +431,16 @@ class FlowEneDet(Detector):
     classifier's resolution): the whole flow runs on the logits average-pooled over ``r × r`` blocks, its conditioners
     on the same grid as in training (``downsample // r`` further, at least 1), and the probability map is upsampled
     bilinearly to the logits' size. This removes the full-resolution elementwise work (standardising the ``C`` logit
-    channels, the affine steps, the bilinear upsampling of every coupling's scale/shift maps) that dominates the
-    wall clock of the default path; the scores change (boundaries are smoothed over ``r`` pixels), see
-    ``docs/detectors.md`` for the measured cost and quality. ``score_stride=1`` is the full-resolution path, bit for
-    bit. It can be changed on a fitted detector (``det.score_stride = 1``). The default ``None`` means
-    ``score_stride = downsample``: the flow then runs exactly on its conditioners' grid (no pooling or upsampling
-    inside the couplings). Chosen from evidence: with the shipped ESPNet-CamVid fits it is ≈ 3× cheaper than
-    ``score_stride=1`` and slightly *better* on CamVid IDM and pasted-anomaly OOD (table in ``docs/detectors.md``);
-    a stride above ``downsample`` coarsens the conditioners' grid beyond the trained one and lost quality for FED-C.
+    channels, the affine steps, the bilinear upsampling of every coupling's scale/shift maps) that dominates the wall
+    clock of the default path; the scores change (boundaries are smoothed over ``r`` pixels), see ``docs/detectors.md``
+    for the measured cost and quality. This path evaluates the flow with :meth:`EnergyFlow.fused_error_logit` (the
+    condition's linear steps folded into one matrix for all couplings, and other exact rearrangements): the same scores
+    as :meth:`EnergyFlow.error_logit` to float32 rounding (tested). ``score_stride=1`` is the full-resolution path, bit
+    for bit. It can be changed on a fitted detector (``det.score_stride = 1``). The default ``None`` means
+    ``score_stride = downsample``: the flow then runs exactly on its conditioners' grid (no pooling or upsampling inside
+    the couplings). Chosen from evidence: with the shipped ESPNet-CamVid fits it is ≈ 3× cheaper than ``score_stride=1``
+    and slightly *better* on CamVid IDM and pasted-anomaly OOD (table in ``docs/detectors.md``); a stride above
+    ``downsample`` coarsens the conditioners' grid beyond the trained one and lost quality for FED-C.
 
     Args:
         variant: ``"u"`` (energy only) or ``"c"`` (conditioned on features).
