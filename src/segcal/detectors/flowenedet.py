@@ -127,7 +127,7 @@ def _bilinear_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
         else:
             second = list(first)
             second[dim] = slice(k // 2, None, k)
-            x = (x[tuple(first)] + x[tuple(second)]) * 0.5
+            x = (x[tuple(first)] + x[tuple(second)]).mul_(0.5)
     return x
 
 
