@@ -318,7 +318,7 @@ class EnergyFlow(nn.Module):
 
     def transform(self, u: Tensor, cond: Tensor | None = None, downsample: int | None = None) -> Tensor:
         """``v = f(u; c)`` without log-determinants, each ActNorm + 1×1 conv fused into one per-pixel affine map —
-        the inference path (the per-pixel elementwise work, not the convolutions, dominates its cost).
+        the full-resolution inference path, ``score_stride=1`` (the coarse one uses :meth:`fused_error_logit`).
         ``downsample`` overrides the couplings' conditioner pooling factor (see :meth:`AffineCoupling.forward`)."""
         c = self._cond(cond)
         for norm, conv, coupling in zip(self.norms, self.convs, self.couplings):
