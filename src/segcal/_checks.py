@@ -18,8 +18,9 @@ def check_tensor(x: object, name: str) -> Tensor:
     return x
 
 
-def check_dense_scores(logits: object, name: str = "logits") -> Tensor:
-    """(N, C, H, W) floating tensor with finite values and C >= 2."""
+def check_dense_scores(logits: object, name: str = "logits", *, check_values: bool = True) -> Tensor:
+    """(N, C, H, W) floating tensor with finite values and C >= 2 (``check_values=False``: the caller checks the
+    values itself, e.g. the fused metric kernel)."""
     logits = check_tensor(logits, name)
     if logits.ndim != 4:
         raise ValueError(f"`{name}` must have shape (N, C, H, W), got {tuple(logits.shape)}")
@@ -30,7 +31,8 @@ def check_dense_scores(logits: object, name: str = "logits") -> Tensor:
     if logits.numel() == 0:
         raise ValueError(f"`{name}` is empty (shape {tuple(logits.shape)}): give at least one image of at least one "
                          "pixel")
-    check_finite(logits, name)
+    if check_values:
+        check_finite(logits, name)
     return logits
 
 
@@ -74,9 +76,9 @@ def _in_range(lo: Tensor, hi: Tensor, num_classes: int) -> bool:
 
 
 def check_logits_target(logits: object, target: object, ignore_index: int | None,
-                        num_classes: int | None = None) -> tuple[Tensor, Tensor]:
+                        num_classes: int | None = None, *, check_values: bool = True) -> tuple[Tensor, Tensor]:
     """Validate a (N, C, H, W) / (N, H, W) pair; ``num_classes`` checks C when given."""
-    logits = check_dense_scores(logits)
+    logits = check_dense_scores(logits, check_values=check_values)
     c = logits.shape[1]
     if num_classes is not None and c != num_classes:
         raise ValueError(f"`logits` has C={c} classes but {num_classes} were expected")

@@ -34,7 +34,19 @@ LO_SCALE = 2.0**32
 
 # The adaptive-ECE fine histogram lives on t = -log2(1 - c) in [0, ACE_T_MAX]: float32 cannot represent a
 # confidence in (1 - 2**-24, 1), so 24 octaves cover every float32 confidence below 1, and c == 1 gets its own bin.
-ACE_T_MAX = 24.0
+ACE_T_MAX = 24
+
+PIXEL_UNIT = 2.0**32
+"""Per-pixel real values summed into states (confidences, probabilities, Brier terms) are rounded once, half to even,
+to multiples of ``1 / PIXEL_UNIT`` and summed as integers: exact, so the sums do not depend on the order of the
+pixels, on threads, batches or processes. A float32 value ``>= 2**-9`` is a multiple of 2**-32 already (every
+top-label confidence when C <= 512); smaller values move by at most 2**-33."""
+
+MAX_BATCH_PIXELS = 2**30
+"""Pixels per update step: a pixel adds at most ``2 * PIXEL_UNIT = 2**33`` to a sum, so 2**30 pixels fit int64."""
+
+_ONE_BITS = 0x3F800000  # IEEE float32 bit pattern of 1.0
+_OCTAVE = 2**23  # float32 bit patterns per octave
 
 
 def _clamp_limit(v: Tensor) -> Tensor:
@@ -103,19 +115,39 @@ def merge_slots(x: Tensor) -> Tensor:
     return out
 
 
+def to_units(x: Tensor) -> Tensor:
+    """Per-pixel values -> int64 multiples of ``1 / PIXEL_UNIT`` (round half to even; exact for float32 >= 2**-9)."""
+    return torch.round(x.to(torch.float64) * PIXEL_UNIT).to(torch.int64)
+
+
+def units_to_fixed2(s: Tensor) -> Tensor:
+    """Exact int64 sums in ``1 / PIXEL_UNIT`` -> the two-word fixed point of :func:`to_fixed2` (canonical words:
+    ``lo < 2**32``), with no rounding: ``from_fixed2(units_to_fixed2(s)) == s / 2**32``."""
+    return torch.stack([s >> 24, (s & (2**24 - 1)) << 8], -1)
+
+
 def ace_fine_index(c: Tensor, resolution: int) -> Tensor:
-    """Fine-histogram bin of confidence ``c`` on the scale ``t = -log2(1 - c)``; ``c == 1`` -> last bin."""
-    # log2(1 - c) * (-s) equals -log2(1 - c) * s exactly (a sign flip), so the in-place form bins identically.
-    t = torch.sub(1.0, c.to(torch.float32)).clamp_min_(2.0**-30).log2_().mul_(-(resolution - 1) / ACE_T_MAX)
-    return t.to(torch.int32).clamp_(0, resolution - 2).masked_fill_(c >= 1.0, resolution - 1)
+    """Fine-histogram bin of confidence ``c``: ``floor(t (resolution - 1) / 24)`` on the piecewise-linear log scale
+    ``t = (bits(1.0) - bits(1 - c)) / 2**23`` (float32 bit patterns), ``c == 1`` -> last bin.
+
+    ``t`` equals ``-log2(1 - c)`` at every power of two and is linear in between (Mitchell's logarithm), so the bins
+    are as fine near c = 1 as a logarithmic grid, and the index is pure integer arithmetic on the bits: exact and
+    identical on every device and in the fused kernel.
+    """
+    d = torch.sub(1.0, c.to(torch.float32))  # exact for c >= 1/2
+    dist = _ONE_BITS - d.view(torch.int32).to(torch.int64)  # = 2**23 t
+    idx = torch.div(dist.mul_(resolution - 1), ACE_T_MAX * _OCTAVE, rounding_mode="floor")
+    return idx.to(torch.int32).clamp_(0, resolution - 2).masked_fill_(c >= 1.0, resolution - 1)
 
 
 def ace_fine_edges(resolution: int, device: torch.device | str | None = None) -> Tensor:
-    """(resolution + 1,) confidence edges of the fine histogram (float64); the last bin is the point c = 1."""
-    j = torch.arange(resolution + 1, dtype=torch.float64, device=device)
-    edges = 1.0 - torch.pow(2.0, -j * ACE_T_MAX / (resolution - 1))
+    """(resolution + 1,) confidence edges of the fine histogram (float64, exact); the last bin is the point c = 1."""
+    j = torch.arange(resolution + 1, dtype=torch.int64)
+    first = torch.div(j * (ACE_T_MAX * _OCTAVE) + resolution - 2, resolution - 1, rounding_mode="floor")
+    bits = (_ONE_BITS - first.clamp_max(ACE_T_MAX * _OCTAVE)).to(torch.int32)
+    edges = 1.0 - bits.view(torch.float32).to(torch.float64)
     edges[-2:] = 1.0
-    return edges
+    return edges.to(device)
 
 
 def refuse_meta(x: object, name: str) -> None:

@@ -1,130 +1,330 @@
-"""Optional fused CPU kernel for the dense step of ``CalibrationMetrics.update`` (top label and classwise rows).
+"""Fused CPU kernels for ``CalibrationMetrics.update`` (``_fused.cpp``), with the pure-PyTorch twins they must equal.
 
-After the softmax (kept in PyTorch), one pass over each image row's C probabilities gives the top-label
-confidence, the first argmax and ``p_y`` (exact operations) and the classwise-ECE row histograms, the costliest
-step of the update. The pure-PyTorch step (``calibration._classwise_rows``) multiplies the probabilities by ``n``
-(0 on invalid pixels), takes the slot ``ceil(n p)`` and adds ``n p`` into a per-row float32 histogram with
-``index_add_`` (a serial loop in element order). This kernel does the same IEEE float32 operations in the same
-order inside each row, in one read of the probabilities and with image rows spread over torch's intra-op threads
-(``at::parallel_for``), so its results are **bit-identical** to the fallback (tested) and it uses every thread torch
-is allowed.
+After the softmax (kept in PyTorch), two passes replace about thirty tensor operations of the update:
 
-Opt-in with ``SEGCAL_FUSED=1`` (the first use compiles it with ``torch.utils.cpp_extension.load_inline`` into a
-cache folder, ``SEGCAL_EXT_DIR`` or ``~/.cache/segcal/ext``, which takes one to three minutes; later processes load
-it in well under a second; FP contraction is off so no FMA changes a rounding). It is off by default so that no
-process pays a compile it did not ask for. Without a C++ compiler or ninja :func:`classwise_rows` returns ``None``
-(with one warning) and the caller uses the pure-PyTorch step. CUDA and float64 inputs always use the PyTorch step.
+- :func:`dense_rows` reads each pixel's C probabilities once (a chunk at a time, image rows spread over threads):
+  top-label confidence, first argmax, ``p_y``, the classwise-ECE histogram and the Brier sum;
+- :func:`pixel_hist` reads the per-pixel results of a batch once: the top-label histograms (per image and region),
+  the fine adaptive-ECE histogram, the classwise positives and the confusion matrix.
+
+Both compute every slot and every summed value exactly as the PyTorch twins below do (float32 products and ``ceil``
+for slots; ``round(v * 2**32)``, half to even, for summed values) and all sums are integer sums, which are exact, so
+their results are **bit-identical** to the twins for any number of threads (tested) — the twins are the CUDA, float64
+and no-compiler path.
+
+On by default for float32 CPU inputs; ``SEGCAL_FUSED=0`` switches it off. The first use builds the kernels with the
+system C++ compiler (``$CXX`` or ``g++``/``c++``, about a second) into ``$SEGCAL_EXT_DIR`` (default
+``~/.cache/segcal/ext``), keyed by the source, flags and CPU; later processes load the cached library. Without a
+compiler the PyTorch twins are used, with one warning.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import logging
 import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
-_SOURCE = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <cmath>
-#include <tuple>
+from segcal.metrics._binning import ace_fine_index, slot_index, to_units
 
-// p: (N, C, H, W) float32; y: (N, H, W) int64 labels in [0, C); weight: (N, H, W) float32 (n on valid pixels, else 0).
-// Per pixel: conf = max_k p_k, pred = first k attaining it, p_y = p[y]. If classwise: rows (N, C, H, n + 1) float32,
-// rows[i, c, h, s] = sum over w (in order) of p*weight where ceil(p*weight) == s (the index_add_ order per row).
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> dense_stats(
-    torch::Tensor p, torch::Tensor y, torch::Tensor weight, int64_t n, bool classwise) {
-  TORCH_CHECK(p.dtype() == torch::kFloat32 && weight.dtype() == torch::kFloat32, "float32 expected");
-  TORCH_CHECK(y.dtype() == torch::kInt64, "int64 labels expected");
-  TORCH_CHECK(p.is_contiguous() && weight.is_contiguous() && y.is_contiguous(), "contiguous tensors expected");
-  const int64_t N = p.size(0), C = p.size(1), H = p.size(2), W = p.size(3), S = n + 1;
-  auto conf = torch::empty({N, H, W}, p.options());
-  auto pred = torch::empty({N, H, W}, p.options().dtype(torch::kInt32));
-  auto p_y = torch::empty({N, H, W}, p.options());
-  auto rows = classwise ? torch::zeros({N, C, H, S}, p.options()) : torch::empty({0}, p.options());
-  const float* pp = p.data_ptr<float>();
-  const int64_t* yy = y.data_ptr<int64_t>();
-  const float* ww = weight.data_ptr<float>();
-  float* cf = conf.data_ptr<float>();
-  int32_t* pr = pred.data_ptr<int32_t>();
-  float* py = p_y.data_ptr<float>();
-  float* oo = classwise ? rows.data_ptr<float>() : nullptr;
-  at::parallel_for(0, N * H, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {  // r = i * H + h: one image row, all classes
-      const int64_t i = r / H, h = r % H;
-      const int64_t pix = r * W;
-      float* cmax = cf + pix;
-      int32_t* arg = pr + pix;
-      for (int64_t w = 0; w < W; ++w) { cmax[w] = -1.0f; arg[w] = 0; }
-      for (int64_t c = 0; c < C; ++c) {
-        const float* prow = pp + ((i * C + c) * H + h) * W;
-        for (int64_t w = 0; w < W; ++w) {
-          if (prow[w] > cmax[w]) { cmax[w] = prow[w]; arg[w] = static_cast<int32_t>(c); }
-        }
-        if (classwise) {
-          const float* wrow = ww + pix;
-          float* acc = oo + ((i * C + c) * H + h) * S;
-          for (int64_t w = 0; w < W; ++w) {
-            const float v = prow[w] * wrow[w];
-            acc[static_cast<int64_t>(std::ceil(v))] += v;
-          }
-        }
-      }
-      for (int64_t w = 0; w < W; ++w) py[pix + w] = pp[((i * C + yy[pix + w]) * H + h) * W + w];
-    }
-  });
-  return std::make_tuple(conf, pred, p_y, rows);
-}
-"""
-
-_module: Any = None
+_log = logging.getLogger(__name__)
+_SOURCE = Path(__file__).with_name("_fused.cpp")
+_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-math-errno",
+          "-fno-trapping-math"]
+_lib: ctypes.CDLL | None = None
 _failed = False
+_lock = threading.Lock()
 
-
-def _load() -> Any:
-    global _module, _failed
-    if _module is not None or _failed:
-        return _module
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        folder = Path(os.environ.get("SEGCAL_EXT_DIR", Path.home() / ".cache" / "segcal" / "ext")) / "fused_v2"
-        folder.mkdir(parents=True, exist_ok=True)
-        _module = load_inline(name="segcal_fused_v2", cpp_sources=[_SOURCE], functions=["dense_stats"],
-                              extra_cflags=["-O2", "-ffp-contract=off"], build_directory=str(folder),
-                              verbose=False)
-    except Exception as err:  # no compiler / ninja / headers: the PyTorch step is always correct
-        _failed = True
-        warnings.warn(f"segcal: fused metric kernel unavailable ({type(err).__name__}); using the PyTorch path",
-                      RuntimeWarning, stacklevel=3)
-        return None
-    return _module
+_I64, _I32, _VP = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+_SIGNATURES = {
+    "segcal_dense_rows": [_VP, _I32, _VP, _VP, _I64, _I64, _I64, _I64, _I32, _I32, _VP, _VP, _VP, _VP, _VP, _VP,
+                          _I32],
+    "segcal_pixel_hist": [_VP, _VP, _VP, _VP, _VP, _VP, _I64, _I64, _I64, _I32, _I64, _I64, _I32, _VP, _VP, _VP, _VP,
+                          _I32],
+}
 
 
 def enabled() -> bool:
-    """``SEGCAL_FUSED=1`` in the environment (read at each call, so tests and benchmarks can switch it)."""
-    return os.environ.get("SEGCAL_FUSED", "0") == "1"
+    """Not switched off with ``SEGCAL_FUSED=0`` (read at each call, so tests and benchmarks can switch it)."""
+    return os.environ.get("SEGCAL_FUSED", "1") != "0"
 
 
 def available() -> bool:
-    """Whether the fused kernel is (or can be) built here (builds it on the first call)."""
+    """Whether the kernels are (or can be) built here (builds them on the first call)."""
     return _load() is not None
 
 
-def dense_stats(p: Tensor, y: Tensor, weight: Tensor | None, n: int) -> tuple[Tensor, ...] | None:
-    """Fused twin of the dense chunk step: ``(conf, pred, p_y, rows)`` with ``rows`` the classwise row histogram
-    of ``p * weight`` (``weight=None``: no classwise rows, an empty tensor). ``None`` when it does not apply here.
+def _cpu_key() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
 
-    ``conf`` (max), ``pred`` (first argmax) and ``p_y`` (gather) are exact operations, and the rows repeat the
-    PyTorch step's float32 products and per-row addition order, so every result is bit-identical to it.
+
+def _compile(out: Path) -> None:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (set CXX or install g++)")
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        lib = Path(tmp) / out.name
+        for arch in (["-march=native"], []):  # -march=native is not known to every compiler
+            res = subprocess.run([cxx, *_FLAGS, *arch, str(_SOURCE), "-o", str(lib)], capture_output=True, text=True)
+            if res.returncode == 0:
+                os.replace(lib, out)  # atomic: a concurrent process sees the whole library or none
+                return
+        raise RuntimeError(res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "compiler failed")
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _failed
+    with _lock:
+        if _lib is not None or _failed:
+            return _lib
+        try:
+            key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + _cpu_key().encode()).hexdigest()
+            folder = Path(os.environ.get("SEGCAL_EXT_DIR", Path.home() / ".cache" / "segcal" / "ext"))
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"segcal_fused_{key[:16]}.so"
+            if not path.exists():
+                _log.info("building the fused metric kernels into %s", path)
+                _compile(path)
+            lib = ctypes.CDLL(str(path))
+            for name, argtypes in _SIGNATURES.items():
+                getattr(lib, name).argtypes = argtypes
+            lib.segcal_dense_rows.restype = ctypes.c_int32
+            lib.segcal_pixel_hist.restype = None
+            _lib = lib
+        except Exception as err:  # no compiler / unwritable cache: the PyTorch twins are always correct
+            _failed = True
+            warnings.warn(f"segcal: fused metric kernels unavailable ({err}); using the slower PyTorch path",
+                          RuntimeWarning, stacklevel=3)
+        return _lib
+
+
+def fused_applies(t: Tensor) -> bool:
+    """Whether the kernels will handle ``t``: float32 on the CPU, switched on and built."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and enabled() and _load() is not None
+
+
+_use = fused_applies
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+# ------------------------------------------------------------------------------------------------ dense step
+def _softmax_parts(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """float32 ``(e, s, d)``: ``d = x - max``, ``e = exp(d)`` (the kernel's ``exp_nonpositive``), ``s = sum_k e_k``."""
+    d = x - x.amax(1, keepdim=True)
+    k = d * 1.44269504088896341 + 12582912.0  # 1.5 * 2**23: rounds to an integer, half to even
+    k -= 12582912.0
+    r = d - k * 0.693359375
+    r -= k * -2.12194440e-4
+    q = r * 1.9875691500e-4 + 1.3981999507e-3
+    for coef in (8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        q = q * r + coef
+    e = q * (r * r) + r + 1.0
+    scale = torch.bitwise_left_shift(k.to(torch.int32) + 127, 23).view(torch.float32)
+    e = torch.where(d < -87.0, 0.0, e * scale)
+    s = torch.zeros_like(e[:, 0])
+    for c in range(e.shape[1]):
+        s += e[:, c]
+    return e, s, d
+
+
+def softmax(x: Tensor) -> Tensor:
+    """Softmax over dim 1 — for float32, the exact twin of the kernel's (``softmax_row`` in ``_fused.cpp``).
+
+    ``m = max_k x_k``, ``e_k = exp(x_k - m)`` by one fixed sequence of float32 operations (Cody-Waite reduction,
+    Cephes' degree-5 polynomial, about 1 ulp from the true exp; 0 below ``x_k - m = -87``), ``s = e_0 + e_1 + ...``
+    in class order, ``p_k = e_k / s``: every step is one correctly rounded IEEE operation, so the result is the
+    same on CPU, CUDA and in the kernel. It differs from ``torch.softmax`` by a few ulp at most. Float64 inputs use
+    ``torch.softmax``.
     """
-    if p.device.type != "cpu" or p.dtype != torch.float32 or not enabled():
-        return None
-    mod = _load()
-    if mod is None:
-        return None
-    w = weight.contiguous() if weight is not None else p.new_zeros(p.shape[0], p.shape[2], p.shape[3])
-    return mod.dense_stats(p.contiguous(), y.contiguous(), w, int(n), weight is not None)
+    if x.dtype != torch.float32:
+        return torch.softmax(x, 1)
+    e, s, _ = _softmax_parts(x)
+    return e.div_(s.unsqueeze(1))
+
+
+def log_twin(v: Tensor) -> Tensor:
+    """float32 natural log of normal positive values, the exact twin of the kernel's ``log_positive`` (Cephes'
+    logf: ``v = 2**e m``, m in [sqrt(1/2), sqrt(2)), a degree-8 polynomial in ``m - 1``; about 1 ulp)."""
+    bits = v.view(torch.int32)
+    e = torch.bitwise_right_shift(bits, 23).bitwise_and_(0xFF).sub_(126)
+    f = bits.bitwise_and(0x7FFFFF).bitwise_or_(0x3F000000).view(torch.float32)  # in [1/2, 1)
+    low = f < 0.707106781186547524
+    e = torch.where(low, e - 1, e)
+    f = torch.where(low, (f + f) - 1.0, f - 1.0)
+    z = f * f
+    y = torch.full_like(f, 7.0376836292e-2)
+    for coef in (-1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1, -1.6668057665e-1,
+                 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1):
+        y = y * f + coef
+    y = (y * f) * z
+    fe = e.to(torch.float32)
+    y = y + fe * -2.12194440e-4
+    y = y + z * -0.5
+    return (f + y) + fe * 0.693359375
+
+
+def dense_rows(x: Tensor, logits: bool, y: Tensor, valid: Tensor, n: int, classwise: bool) -> tuple[Tensor, ...]:
+    """``(conf, pred, p_y, cw, brier, nll_rows)`` of (N, C, H, W) scores, (N, H, W) labels (0 where invalid), mask.
+
+    With ``p = softmax(x)`` if ``logits`` else ``x``: ``conf = max_k p_k``, ``pred`` = first argmax (int32),
+    ``p_y = p[y]``; over valid pixels, ``cw`` (C, n + 1) int64 sums ``to_units(p_k)`` by ``slot_index(p_k, n)``
+    (empty if not ``classwise``), ``brier`` (0-dim int64) sums ``sum_k to_units(p_k^2) - 2 to_units(p_y) + 2**32``
+    and ``nll_rows`` (N, H) float64 sums the NLL of each image row in pixel order — ``log s - (x_y - max x)`` for
+    logits (exact for any p_y, no underflow), ``-log max(p_y, tiny)`` for probabilities.
+
+    Raises ``ValueError`` (fused path) for NaN/inf logits or a valid label outside [0, C).
+    """
+    if _use(x):
+        return _dense_rows_fused(x.contiguous(), logits, y, valid, n, classwise)
+    return _dense_rows_torch(x, logits, y, valid, n, classwise)
+
+
+def _dense_rows_fused(x: Tensor, logits: bool, y: Tensor, valid: Tensor, n: int,
+                      classwise: bool) -> tuple[Tensor, ...]:
+    n_img, c, h, w = x.shape
+    conf = torch.empty(n_img, h, w, dtype=torch.float32)
+    pred = torch.empty(n_img, h, w, dtype=torch.int32)
+    p_y = torch.empty_like(conf)
+    cw = torch.zeros(c if classwise else 0, n + 1, dtype=torch.int64)
+    brier = torch.zeros((), dtype=torch.int64)
+    nll_rows = torch.empty(n_img, h, dtype=torch.float64)
+    y32 = y.to(torch.int32).contiguous()
+    ok = valid.contiguous()
+    status = _lib.segcal_dense_rows(x.data_ptr(), int(logits), y32.data_ptr(), ok.data_ptr(), n_img, c, h, w, n,
+                                    int(classwise), conf.data_ptr(), pred.data_ptr(), p_y.data_ptr(), cw.data_ptr(),
+                                    brier.data_ptr(), nll_rows.data_ptr(), torch.get_num_threads())
+    if status == 1:
+        raise ValueError("`preds` contains NaN or inf values")
+    if status == 2:
+        raise ValueError(f"`target` has labels outside [0, {c}) that are not ignored")
+    return conf, pred, p_y, cw, brier, nll_rows
+
+
+def first_argmax(x: Tensor, top: Tensor) -> Tensor:
+    """Index of the first class equal to the max ``top`` (int32).
+
+    ``max(C - k)`` over the classes that attain the maximum is a plain reduction over dim 1, which is several
+    times faster than ``argmax(dim=1)`` on (N, C, H, W) CPU tensors. The equality mask is reused in place.
+    """
+    c = x.shape[1]
+    wdt = torch.uint8 if c < 256 else torch.int32
+    w = torch.arange(c, 0, -1, dtype=wdt, device=x.device).view(1, c, 1, 1)
+    hit = torch.eq(x, top.unsqueeze(1))
+    hit = hit.view(torch.uint8).mul_(w) if wdt == torch.uint8 else hit * w
+    return c - hit.amax(1).to(torch.int32)
+
+
+def _dense_rows_torch(x: Tensor, logits: bool, y: Tensor, valid: Tensor, n: int,
+                      classwise: bool) -> tuple[Tensor, ...]:
+    c = x.shape[1]
+    y = y.long()
+    if not logits:
+        p = x
+    elif x.dtype == torch.float32:
+        e, s, d = _softmax_parts(x)
+        p = e.div_(s.unsqueeze(1))
+    else:
+        p = torch.softmax(x, 1)
+    conf = p.amax(1)
+    pred = first_argmax(p, conf)
+    p_y = p.gather(1, y.unsqueeze(1)).squeeze(1)
+    cw = torch.zeros(c if classwise else 0, n + 1, dtype=torch.int64, device=p.device)
+    if classwise:
+        row = torch.arange(c, dtype=torch.int32, device=p.device).mul_(n + 1).view(1, c, 1, 1)
+        idx = slot_index(p, n).add_(row).masked_fill_(~valid.unsqueeze(1), c * (n + 1))
+        acc = torch.zeros(c * (n + 1) + 1, dtype=torch.int64, device=p.device)
+        cw = acc.index_add_(0, idx.flatten(), to_units(p).flatten())[:-1].view(c, n + 1)
+    sq = torch.round(p.to(torch.float64).square_().mul_(2.0**32)).to(torch.int64).sum(1)
+    per_pixel = sq.sub_(to_units(p_y), alpha=2).add_(2**32).masked_fill_(~valid, 0)
+    tiny = torch.finfo(p.dtype).tiny
+    if not logits:
+        nll = -(log_twin(p_y.clamp_min(tiny)) if p.dtype == torch.float32 else torch.log(p_y.clamp_min(tiny)))
+    elif x.dtype == torch.float32:
+        nll = log_twin(s) - d.gather(1, y.unsqueeze(1)).squeeze(1)
+    else:
+        nll = torch.logsumexp(x, 1) - x.gather(1, y.unsqueeze(1)).squeeze(1)
+    # cumsum adds in element order, as the kernel does
+    nll_rows = nll.masked_fill(~valid, 0.0).to(torch.float64).cumsum(-1)[..., -1]
+    return conf, pred, p_y, cw, per_pixel.sum(), nll_rows
+
+
+# ------------------------------------------------------------------------------------------------ pixel step
+def pixel_hist(conf: Tensor, pred: Tensor, p_y: Tensor, y: Tensor, valid: Tensor, region: Tensor | None, n: int,
+               n_regions: int, num_classes: int, resolution: int, classwise: bool) -> tuple[Tensor, ...]:
+    """``(top, fine, pos, confmat)`` int64 histograms of a batch's (N, H, W) per-pixel results, valid pixels only.
+
+    ``top`` (N, R, n + 1, 3) and ``fine`` (resolution, 3) hold count, correct count and ``sum to_units(conf)`` by
+    image, region and ``slot_index(conf, n)`` / by ``ace_fine_index(conf)``; ``pos`` (C, n + 1) counts pixels by
+    label and ``slot_index(p_y, n)`` (zeros if not ``classwise``); ``confmat`` (C, C) by label and prediction.
+    """
+    if _use(conf):
+        return _pixel_hist_fused(conf, pred, p_y, y, valid, region, n, n_regions, num_classes, resolution, classwise)
+    return _pixel_hist_torch(conf, pred, p_y, y, valid, region, n, n_regions, num_classes, resolution, classwise)
+
+
+def _pixel_hist_fused(conf: Tensor, pred: Tensor, p_y: Tensor, y: Tensor, valid: Tensor, region: Tensor | None,
+                      n: int, n_regions: int, num_classes: int, resolution: int,
+                      classwise: bool) -> tuple[Tensor, ...]:
+    n_img = conf.shape[0]
+    top = torch.zeros(n_img, n_regions, n + 1, 3, dtype=torch.int64)
+    fine = torch.zeros(resolution, 3, dtype=torch.int64)
+    pos = torch.zeros(num_classes, n + 1, dtype=torch.int64)
+    confmat = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    y32 = y.to(torch.int32).contiguous()
+    reg = None if region is None else region.to(torch.int32).contiguous()
+    args = [t.contiguous() for t in (conf, pred, p_y)]
+    _lib.segcal_pixel_hist(*(_ptr(t) for t in args), y32.data_ptr(), valid.contiguous().data_ptr(), _ptr(reg),
+                           n_img, conf[0].numel(), num_classes, n, n_regions, resolution, int(classwise),
+                           top.data_ptr(), fine.data_ptr(), pos.data_ptr(), confmat.data_ptr(),
+                           torch.get_num_threads())
+    return top, fine, pos, confmat
+
+
+def _count(idx: Tensor, size: int, weights: Tensor | None = None) -> Tensor:
+    """``bincount`` of an int32 index known to be < ``size`` (``index_add_`` skips bincount's min/max passes)."""
+    idx = idx.flatten()
+    src = torch.ones(1, dtype=torch.int64, device=idx.device).expand(idx.numel()) if weights is None else weights
+    return torch.zeros(size, dtype=torch.int64, device=idx.device).index_add_(0, idx, src.flatten())
+
+
+def _pixel_hist_torch(conf: Tensor, pred: Tensor, p_y: Tensor, y: Tensor, valid: Tensor, region: Tensor | None,
+                      n: int, n_regions: int, num_classes: int, resolution: int,
+                      classwise: bool) -> tuple[Tensor, ...]:
+    n_img, dev, invalid = conf.shape[0], conf.device, ~valid
+    y32 = y.to(torch.int32)
+    hit = (pred == y32).to(torch.int64)
+    u = to_units(conf)
+    cells = n_img * n_regions * (n + 1)
+    cell = torch.arange(n_img, dtype=torch.int32, device=dev).view(-1, 1, 1) * (n_regions * (n + 1))
+    if region is not None:
+        cell = cell + region.to(torch.int32) * (n + 1)
+    tidx = slot_index(conf, n).add_(cell).masked_fill_(invalid, cells)
+    top = torch.stack([_count(tidx, cells + 1), _count(tidx, cells + 1, hit), _count(tidx, cells + 1, u)], -1)
+    fidx = ace_fine_index(conf, resolution).masked_fill_(invalid, resolution)
+    fine = torch.stack([_count(fidx, resolution + 1), _count(fidx, resolution + 1, hit),
+                        _count(fidx, resolution + 1, u)], -1)
+    pos = torch.zeros(num_classes, n + 1, dtype=torch.int64, device=dev)
+    if classwise:
+        pidx = (y32 * (n + 1)).add_(slot_index(p_y, n)).masked_fill_(invalid, num_classes * (n + 1))
+        pos = _count(pidx, num_classes * (n + 1) + 1)[:-1].view(num_classes, n + 1)
+    cidx = (y32 * num_classes).add_(pred).masked_fill_(invalid, num_classes * num_classes)
+    confmat = _count(cidx, num_classes * num_classes + 1)[:-1].view(num_classes, num_classes)
+    return top[:-1].view(n_img, n_regions, n + 1, 3), fine[:-1], pos, confmat

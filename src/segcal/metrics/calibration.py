@@ -19,8 +19,9 @@ from segcal._checks import check_dense_scores, check_logits_target, check_target
 from segcal.metrics import _fused
 from segcal.metrics._binning import (
     IMAGE_SCALE,
+    MAX_BATCH_PIXELS,
+    PIXEL_UNIT,
     ace_fine_edges,
-    ace_fine_index,
     check_fixed,
     check_n_bins,
     from_fixed,
@@ -28,9 +29,9 @@ from segcal.metrics._binning import (
     merge_slots,
     nan,
     refuse_meta,
-    slot_index,
     to_fixed,
     to_fixed2,
+    units_to_fixed2,
 )
 from segcal.metrics.boundary import boundary_mask
 
@@ -73,8 +74,9 @@ def _make_config(num_classes: int, n_bins: int, ignore_index: int | None, input:
     if boundary_width is not None and (isinstance(boundary_width, bool) or not isinstance(boundary_width, int)
                                        or boundary_width < 1):
         raise ValueError(f"`boundary_width` must be None or a positive int, got {boundary_width!r}")
-    if isinstance(ace_resolution, bool) or not isinstance(ace_resolution, int) or ace_resolution < 16:
-        raise ValueError(f"`ace_resolution` must be an int >= 16, got {ace_resolution!r}")
+    if (isinstance(ace_resolution, bool) or not isinstance(ace_resolution, int) or ace_resolution < 16
+            or ace_resolution > 2**24):
+        raise ValueError(f"`ace_resolution` must be an int in [16, 2**24], got {ace_resolution!r}")
     return _CalibrationConfig(num_classes, n_bins, ignore_index, input, excl, boundary_width, ace_resolution,
                               classwise)
 
@@ -106,8 +108,10 @@ def _format_calibration(preds: object, target: object, cfg: _CalibrationConfig) 
     refuse_meta(preds, "preds")
     refuse_meta(target, "target")
     if cfg.input == "logits":
-        preds, target = check_logits_target(preds, target, cfg.ignore_index, cfg.num_classes)
-        return preds, target
+        # the fused kernel refuses NaN/inf itself (float16/bfloat16 become float32 first, keeping inf)
+        in_kernel = isinstance(preds, Tensor) and preds.dtype != torch.float64 and _fused.fused_applies(
+            preds.new_empty(0, dtype=torch.float32))
+        return check_logits_target(preds, target, cfg.ignore_index, cfg.num_classes, check_values=not in_kernel)
     preds = check_dense_scores(preds, "preds")
     if preds.shape[1] != cfg.num_classes:
         raise ValueError(f"`preds` has C={preds.shape[1]} classes but num_classes={cfg.num_classes}")
@@ -121,20 +125,6 @@ def _format_calibration(preds: object, target: object, cfg: _CalibrationConfig) 
     if err > tol:
         raise ValueError(f"`preds` with input='probs' must sum to 1 over dim 1 (C), max deviation {err:.3g}")
     return preds, target
-
-
-def _first_argmax(x: Tensor, top: Tensor) -> Tensor:
-    """Index of the first class equal to the max ``top``.
-
-    ``max(C - k)`` over the classes that attain the maximum is a plain reduction over dim 1, which is several
-    times faster than ``argmax(dim=1)`` on (N, C, H, W) CPU tensors. The equality mask is reused in place.
-    """
-    c = x.shape[1]
-    wdt = torch.uint8 if c < 256 else torch.int32
-    w = torch.arange(c, 0, -1, dtype=wdt, device=x.device).view(1, c, 1, 1)
-    hit = torch.eq(x, top.unsqueeze(1))
-    hit = hit.view(torch.uint8).mul_(w) if wdt == torch.uint8 else hit * w
-    return c - hit.amax(1).to(torch.int32)
 
 
 def _valid_mask(target: Tensor, cfg: _CalibrationConfig) -> Tensor:
@@ -156,161 +146,80 @@ def _chunks(shape: torch.Size) -> list[tuple[slice, slice]]:
     return [(slice(i, i + 1), slice(r, r + rows)) for i in range(n_img) for r in range(0, h, rows)]
 
 
-@dataclass
-class _PixelStats:
-    """Per-pixel results of the dense (N, C, H, W) pass, written chunk by chunk."""
-
-    conf: Tensor
-    pred: Tensor
-    p_y: Tensor
-    sumsq: Tensor
-    cw_rows: Tensor | None  # (N, C, H, n + 1) row-wise sums of n * p_k per slot
-
-    @classmethod
-    def empty(cls, preds: Tensor, wd: torch.dtype, cfg: _CalibrationConfig) -> _PixelStats:
-        n_img, c, h, w = preds.shape
-        f = torch.empty(n_img, h, w, dtype=wd, device=preds.device)
-        cw = (torch.zeros(n_img, c, h, cfg.n_bins + 1, dtype=wd, device=preds.device) if cfg.classwise else None)
-        return cls(f, torch.empty(n_img, h, w, dtype=torch.int32, device=preds.device), torch.empty_like(f),
-                   torch.empty_like(f), cw)
-
-
-def _dense_chunk(x: Tensor, y: Tensor, valid: Tensor, cfg: _CalibrationConfig, st: _PixelStats,
-                 at: tuple[slice, slice]) -> None:
-    """Everything that reads all C probabilities of a pixel, on a cache-sized chunk."""
-    i, r = at
-    # argmax of the probabilities, as every calibration library does (saves a reduction over the logits).
-    p = torch.softmax(x, 1) if cfg.input == "logits" else x
-    weight = torch.where(valid, float(cfg.n_bins), 0.0).to(p.dtype) if st.cw_rows is not None else None
-    # One C++ pass (SEGCAL_FUSED=1, CPU float32) or the PyTorch ops below: bit-identical results.
-    fused = _fused.dense_stats(p, y, weight, cfg.n_bins)
-    buf = None
-    if fused is not None:
-        st.conf[i, r], st.pred[i, r], st.p_y[i, r], rows = fused
-        if st.cw_rows is not None:
-            st.cw_rows[i, :, r] = rows
-    else:
-        conf = p.amax(1)
-        st.conf[i, r] = conf
-        st.pred[i, r] = _first_argmax(p, conf)
-        st.p_y[i, r] = p.gather(1, y.unsqueeze(1)).squeeze(1)
-        if weight is not None:
-            buf = p * weight.unsqueeze(1)
-            st.cw_rows[i, :, r] = _classwise_rows(buf, cfg.n_bins)
-    st.sumsq[i, r] = torch.mul(p, p, out=buf).sum(1) if buf is not None else (p * p).sum(1)
+def _dense_pass(preds: Tensor, y: Tensor, valid: Tensor, cfg: _CalibrationConfig) -> tuple[Tensor, ...]:
+    """Everything that reads all C scores of a pixel: per-pixel ``(conf, pred, p_y)``, the summed classwise histogram
+    and Brier units and the NLL row sums (:func:`segcal.metrics._fused.dense_rows`). The fused kernel streams image
+    rows itself; the PyTorch twin runs on cache-sized chunks so that its temporaries stay small."""
+    logits = cfg.input == "logits"
+    wd = torch.float64 if preds.dtype == torch.float64 else torch.float32
+    if _fused.fused_applies(preds.new_empty(0, dtype=wd)):
+        return _fused.dense_rows(preds.to(wd), logits, y, valid, cfg.n_bins, cfg.classwise)
+    n_img, c, h, w = preds.shape
+    conf = torch.empty(n_img, h, w, dtype=wd, device=preds.device)
+    pred = torch.empty(n_img, h, w, dtype=torch.int32, device=preds.device)
+    p_y = torch.empty_like(conf)
+    nll_rows = torch.empty(n_img, h, dtype=torch.float64, device=preds.device)
+    cw = torch.zeros(c if cfg.classwise else 0, cfg.n_bins + 1, dtype=torch.int64, device=preds.device)
+    brier = torch.zeros((), dtype=torch.int64, device=preds.device)
+    for i, r in _chunks(preds.shape):
+        conf[i, r], pred[i, r], p_y[i, r], cw_part, brier_part, nll_rows[i, r] = _fused.dense_rows(
+            preds[i, :, r].to(wd), logits, y[i, r], valid[i, r], cfg.n_bins, cfg.classwise)
+        cw += cw_part
+        brier += brier_part
+    return conf, pred, p_y, cw, brier, nll_rows
 
 
-def _classwise_rows(pn: Tensor, n: int) -> Tensor:
-    """(N, C, H, n + 1) per-row sums of ``pn = n * p`` (0 on invalid pixels) by slot ``ceil(pn)``.
-
-    One pass over ``pn`` gives both the slot and, divided by n at the end, the summed probabilities. Each row has
-    its own accumulator so every float32 partial sum stays short (<= W terms); ``index_add_`` takes an int32
-    index (``scatter_add_`` needs int64) and adds in the same order as a row-wise scatter.
-    """
-    n_img, c, h, _ = pn.shape
-    row = torch.arange(n_img * c * h, dtype=torch.int32, device=pn.device).mul_(n + 1).view(n_img, c, h, 1)
-    idx = torch.ceil(pn).to(torch.int32).add_(row)
-    acc = torch.zeros(n_img * c * h * (n + 1), dtype=pn.dtype, device=pn.device)
-    return acc.index_add_(0, idx.flatten(), pn.flatten()).view(n_img, c, h, n + 1)
-
-
-def _log_label_prob(x: Tensor, p_y: Tensor, y: Tensor, valid: Tensor, cfg: _CalibrationConfig) -> Tensor:
-    """log p_y; an underflowed p_y would cap the NLL, so those (rare) pixels are recomputed from the logits."""
-    logp_y = torch.log(p_y.clamp_min(torch.finfo(p_y.dtype).tiny))
-    if cfg.input == "logits" and bool(p_y.amin() < 1e-30):  # one host sync; the rare path below may add more
-        under = valid & (p_y < 1e-30)
-        xs = x.permute(0, 2, 3, 1)[under].to(p_y.dtype)
-        logp_y[under] = xs.gather(1, y[under].unsqueeze(1)).squeeze(1) - torch.logsumexp(xs, 1)
-    return logp_y
-
-
-def _count(idx: Tensor, size: int, weights: Tensor | None = None) -> Tensor:
-    """``bincount`` of an int32 index known to be < ``size``; ``index_add_`` skips bincount's min/max passes and
-    its int64 index, and adds in the same (element) order, so weighted float64 sums are bit-identical."""
-    idx = idx.flatten()
-    src = torch.ones(1, dtype=torch.int64, device=idx.device).expand(idx.numel()) if weights is None else weights
-    return torch.zeros(size, dtype=src.dtype, device=idx.device).index_add_(0, idx, src)
-
-
-def _top_label_bins(conf: Tensor, correct: Tensor, invalid: Tensor, region: Tensor | None, conf64: Tensor,
-                    cfg: _CalibrationConfig, out: dict[str, Tensor]) -> None:
-    """Top-label histograms per image and region; image ECE and the boundary band come from the same counts.
-
-    One count gives count and correct (correct is the lowest index bit), one weighted count the confidence sums.
-    """
-    n, r_num, n_img = cfg.n_bins, cfg.n_regions, conf.shape[0]
-    idx = slot_index(conf, n)
-    cell = torch.arange(n_img, dtype=torch.int32, device=conf.device).view(-1, 1, 1) * (r_num * (n + 1))
-    idx += cell if region is None else cell + region * (n + 1)
-    dump = n_img * r_num * (n + 1)
-    idx = idx.masked_fill_(invalid, dump).flatten()
-    h2 = _count((idx * 2).add_(correct.flatten()), 2 * dump + 2)[: 2 * dump]
-    h2 = h2.view(n_img, r_num, n + 1, 2)
-    hc = _count(idx, dump + 1, conf64)[:dump]
-    cnt = merge_slots(h2.sum(-1))
-    cor = merge_slots(h2[..., 1])
-    cfs = merge_slots(hc.view(n_img, r_num, n + 1))
+def _add_top_label(top: Tensor, cfg: _CalibrationConfig, out: dict[str, Tensor]) -> None:
+    """(N, R, n + 1, 3) count / correct / confidence-unit histograms -> bin states and the per-image ECE sum."""
+    cnt, cor, units = (merge_slots(top[..., k]) for k in range(3))
     out["bin_count"] += cnt.sum(0)
     out["bin_correct"] += cor.sum(0)
-    out["bin_conf"] += to_fixed2(cfs.sum(0))
+    out["bin_conf"] += units_to_fixed2(units.sum(0))
     img_n = cnt.sum((1, 2))
-    img_gap = (cor.sum(1).double() - cfs.sum(1)).abs().sum(1)
+    # exact integers up to here: |correct - sum of confidences| per image and bin, in units of 2**-32
+    img_gap = (cor.sum(1) * int(PIXEL_UNIT) - units.sum(1)).abs_().sum(1)
     has = img_n > 0
     # Each image's ECE is rounded to the grid on its own, so the state does not depend on how images are batched.
-    out["image_ece_sum"] += to_fixed(img_gap[has] / img_n[has], IMAGE_SCALE).sum()
+    img_ece = img_gap[has].to(torch.float64) / PIXEL_UNIT / img_n[has]
+    out["image_ece_sum"] += to_fixed(img_ece, IMAGE_SCALE).sum()
     out["image_count"] += has.sum()
-
-
-def _fine_bins(conf: Tensor, correct: Tensor, invalid: Tensor, conf64: Tensor, res: int,
-               out: dict[str, Tensor]) -> None:
-    fidx = ace_fine_index(conf, res).masked_fill_(invalid, res).flatten()
-    f2 = _count((fidx * 2).add_(correct.flatten()), 2 * res + 2)[: 2 * res].view(res, 2)
-    fc = _count(fidx, res + 1, conf64)[:res]
-    out["fine_count"] += f2.sum(-1)
-    out["fine_correct"] += f2[:, 1]
-    out["fine_conf"] += to_fixed2(fc)
-
-
-def _classwise_bins(st: _PixelStats, y: Tensor, invalid: Tensor, cfg: _CalibrationConfig,
-                    out: dict[str, Tensor]) -> None:
-    c_num, n = cfg.num_classes, cfg.n_bins
-    pidx = (y * (n + 1)).add_(slot_index(st.p_y, n)).masked_fill_(invalid, c_num * (n + 1))
-    pos = _count(pidx, c_num * (n + 1) + 1)[: c_num * (n + 1)]
-    out["cw_pos"] += merge_slots(pos.view(c_num, n + 1))
-    out["cw_conf"] += to_fixed2(merge_slots(st.cw_rows.sum((0, 2), dtype=torch.float64)) / n)
 
 
 def _update_calibration(preds: Tensor, target: Tensor, cfg: _CalibrationConfig) -> dict[str, Tensor]:
     """One validated batch -> int64 increments of every state (same keys and shapes as the states).
 
-    The dense pass (softmax, argmax, classwise rows) runs on cache-sized chunks; the per-pixel histograms then
-    run once over the batch.
+    Two passes, each a fused CPU kernel or its PyTorch twin (bit-identical, :mod:`segcal.metrics._fused`): the
+    dense pass over the probabilities (on cache-sized chunks), then the per-pixel histograms over the batch.
+    Summed pixel values are integers (``to_units``), so every state is exact and independent of pixel order.
     """
+    n_img, _, h, w = preds.shape
+    if h * w > MAX_BATCH_PIXELS:
+        raise ValueError(f"an image of {h}x{w} pixels is larger than the {MAX_BATCH_PIXELS} pixels the exact "
+                         f"int64 sums of one update can hold; evaluate it in tiles")
+    step = MAX_BATCH_PIXELS // (h * w)
+    if n_img > step:  # split so that every integer sum fits int64
+        parts = [_update_calibration(preds[k:k + step], target[k:k + step], cfg) for k in range(0, n_img, step)]
+        return {key: sum(part[key] for part in parts) for key in parts[0]}
     out = _zero_states(cfg, preds.device)
-    c_num = cfg.num_classes
-    wd = torch.float64 if preds.dtype == torch.float64 else torch.float32
     valid = _valid_mask(target, cfg)
     y = torch.where(valid, target, 0).long()
-    st = _PixelStats.empty(preds, wd, cfg)
-    for i, r in _chunks(preds.shape):
-        _dense_chunk(preds[i, :, r].to(wd), y[i, r], valid[i, r], cfg, st, (i, r))
+    conf, pred, p_y, cw, brier, nll_rows = _dense_pass(preds, y, valid, cfg)
     region = None
     if cfg.boundary_width is not None:
         region = boundary_mask(target, cfg.boundary_width, cfg.ignore_index).to(torch.int32)
-    logp_y = _log_label_prob(preds, st.p_y, y, valid, cfg)
-    y32 = y.to(torch.int32)
-    correct = (st.pred == y32).logical_and_(valid)
-    conf64 = st.conf.to(torch.float64).flatten()
-    invalid = ~valid
-    _top_label_bins(st.conf, correct, invalid, region, conf64, cfg, out)
-    _fine_bins(st.conf, correct, invalid, conf64, cfg.ace_resolution, out)
+    top, fine, pos, confmat = _fused.pixel_hist(conf, pred, p_y, y, valid, region, cfg.n_bins, cfg.n_regions,
+                                                cfg.num_classes, cfg.ace_resolution, cfg.classwise)
+    _add_top_label(top, cfg, out)
+    out["fine_count"] += fine[:, 0]
+    out["fine_correct"] += fine[:, 1]
+    out["fine_conf"] += units_to_fixed2(fine[:, 2])
     if cfg.classwise:
-        _classwise_bins(st, y32, invalid, cfg, out)
-    brier = st.sumsq.add_(st.p_y, alpha=-2.0).add_(1.0).masked_fill_(invalid, 0.0)
-    out["brier_sum"] += to_fixed2(brier.sum(dtype=torch.float64))
-    out["nll_sum"] += to_fixed2(-logp_y.masked_fill_(invalid, 0.0).sum(dtype=torch.float64))
-    cidx = (y32 * c_num).add_(st.pred).masked_fill_(invalid, c_num * c_num)
-    out["confmat"] += _count(cidx, c_num * c_num + 1)[:-1].view(c_num, c_num)
+        out["cw_pos"] += merge_slots(pos)
+        out["cw_conf"] += units_to_fixed2(merge_slots(cw))
+    out["brier_sum"] += units_to_fixed2(brier)
+    # the row sums in row order (cumsum adds in element order): the same on every path and for any thread count
+    out["nll_sum"] += to_fixed2(nll_rows.flatten().cumsum(0)[-1])
+    out["confmat"] += confmat
     return out
 
 
