@@ -42,8 +42,9 @@ def test_matches_float64_reference_over_batches(dtype):
 
 def test_ace_exact_when_fine_bins_resolve_every_pixel():
     logits, target = _data(seed=3, n=1, h=15, w=20, ignore_frac=0.0, dtype=torch.float64)  # 300 = 20 * 15
-    m = CalibrationMetrics(5, n_bins=15)
+    m = CalibrationMetrics(5, n_bins=15, ace_resolution=2**20)
     m.update(logits, target)
+    assert int(m.fine_count.max()) == 1  # the premise: every pixel has a fine bin of its own
     out = m.compute()
     ref = reference(logits, target)
     # the bound covers the histogram approximation; 1e-9 covers the fixed-point rounding of the sums

@@ -37,10 +37,12 @@ LO_SCALE = 2.0**32
 ACE_T_MAX = 24
 
 PIXEL_UNIT = 2.0**32
-"""Per-pixel real values summed into states (confidences, probabilities, Brier terms) are rounded once, half to even,
-to multiples of ``1 / PIXEL_UNIT`` and summed as integers: exact, so the sums do not depend on the order of the
-pixels, on threads, batches or processes. A float32 value ``>= 2**-9`` is a multiple of 2**-32 already (every
-top-label confidence when C <= 512); smaller values move by at most 2**-33."""
+"""Per-pixel real values summed into states (confidences, probabilities, Brier terms) of float32 (and lower)
+inputs are rounded once, half to even, to multiples of ``1 / PIXEL_UNIT`` and summed as integers: exact, so the
+sums do not depend on the order of the pixels, on threads, batches or processes. A float32 value ``>= 2**-9`` is a
+multiple of 2**-32 already (every top-label confidence when C <= 512); smaller values move by at most 2**-33.
+Float64 inputs keep float64 per-pixel values and float64 sums (rounded to the state grid once per batch), so
+that their results stay accurate to ~1e-12."""
 
 MAX_BATCH_PIXELS = 2**30
 """Pixels per update step: a pixel adds at most ``2 * PIXEL_UNIT = 2**33`` to a sum, so 2**30 pixels fit int64."""
@@ -116,13 +118,23 @@ def merge_slots(x: Tensor) -> Tensor:
 
 
 def to_units(x: Tensor) -> Tensor:
-    """Per-pixel values -> int64 multiples of ``1 / PIXEL_UNIT`` (round half to even; exact for float32 >= 2**-9)."""
+    """Per-pixel values -> summable values: int64 multiples of ``1 / PIXEL_UNIT`` (round half to even; exact for
+    float32 >= 2**-9), or float64 values themselves for float64 input (see :data:`PIXEL_UNIT`)."""
+    if x.dtype == torch.float64:
+        return x
     return torch.round(x.to(torch.float64) * PIXEL_UNIT).to(torch.int64)
 
 
+def unit_of(sums: Tensor) -> float:
+    """What 1.0 is in sums made by :func:`to_units`."""
+    return 1.0 if sums.is_floating_point() else PIXEL_UNIT
+
+
 def units_to_fixed2(s: Tensor) -> Tensor:
-    """Exact int64 sums in ``1 / PIXEL_UNIT`` -> the two-word fixed point of :func:`to_fixed2` (canonical words:
-    ``lo < 2**32``), with no rounding: ``from_fixed2(units_to_fixed2(s)) == s / 2**32``."""
+    """Sums of :func:`to_units` values -> the two-word fixed point of :func:`to_fixed2`. Exact int64 sums in
+    ``1 / PIXEL_UNIT`` are split without rounding (canonical words, ``lo < 2**32``); float64 sums are rounded."""
+    if s.is_floating_point():
+        return to_fixed2(s)
     return torch.stack([s >> 24, (s & (2**24 - 1)) << 8], -1)
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from segcal.metrics._binning import ace_fine_index, slot_index, to_units
+from segcal.metrics._binning import PIXEL_UNIT, ace_fine_index, slot_index, to_units
 
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("_fused.cpp")
@@ -250,10 +250,14 @@ def _dense_rows_torch(x: Tensor, logits: bool, y: Tensor, valid: Tensor, n: int,
     if classwise:
         row = torch.arange(c, dtype=torch.int32, device=p.device).mul_(n + 1).view(1, c, 1, 1)
         idx = slot_index(p, n).add_(row).masked_fill_(~valid.unsqueeze(1), c * (n + 1))
-        acc = torch.zeros(c * (n + 1) + 1, dtype=torch.int64, device=p.device)
-        cw = acc.index_add_(0, idx.flatten(), to_units(p).flatten())[:-1].view(c, n + 1)
-    sq = torch.round(p.to(torch.float64).square_().mul_(2.0**32)).to(torch.int64).sum(1)
-    per_pixel = sq.sub_(to_units(p_y), alpha=2).add_(2**32).masked_fill_(~valid, 0)
+        vals = to_units(p)
+        acc = torch.zeros(c * (n + 1) + 1, dtype=vals.dtype, device=p.device)
+        cw = acc.index_add_(0, idx.flatten(), vals.flatten())[:-1].view(c, n + 1)
+    if p.dtype == torch.float64:
+        per_pixel = torch.square(p).sum(1).sub_(p_y, alpha=2).add_(1.0).masked_fill_(~valid, 0.0)
+    else:
+        sq = torch.round(torch.square(p.to(torch.float64)).mul_(PIXEL_UNIT)).to(torch.int64).sum(1)
+        per_pixel = sq.sub_(to_units(p_y), alpha=2).add_(int(PIXEL_UNIT)).masked_fill_(~valid, 0)
     tiny = torch.finfo(p.dtype).tiny
     if not logits:
         nll = -(log_twin(p_y.clamp_min(tiny)) if p.dtype == torch.float32 else torch.log(p_y.clamp_min(tiny)))
@@ -269,11 +273,13 @@ def _dense_rows_torch(x: Tensor, logits: bool, y: Tensor, valid: Tensor, n: int,
 # ------------------------------------------------------------------------------------------------ pixel step
 def pixel_hist(conf: Tensor, pred: Tensor, p_y: Tensor, y: Tensor, valid: Tensor, region: Tensor | None, n: int,
                n_regions: int, num_classes: int, resolution: int, classwise: bool) -> tuple[Tensor, ...]:
-    """``(top, fine, pos, confmat)`` int64 histograms of a batch's (N, H, W) per-pixel results, valid pixels only.
+    """``(top, top_sum, fine, fine_sum, pos, confmat)``: histograms of a batch's (N, H, W) per-pixel results over
+    valid pixels.
 
-    ``top`` (N, R, n + 1, 3) and ``fine`` (resolution, 3) hold count, correct count and ``sum to_units(conf)`` by
-    image, region and ``slot_index(conf, n)`` / by ``ace_fine_index(conf)``; ``pos`` (C, n + 1) counts pixels by
-    label and ``slot_index(p_y, n)`` (zeros if not ``classwise``); ``confmat`` (C, C) by label and prediction.
+    ``top`` (N, R, n + 1, 2) counts pixels and correct pixels by image, region and ``slot_index(conf, n)``,
+    ``top_sum`` (N, R, n + 1) sums ``to_units(conf)`` there; ``fine`` (resolution, 2) / ``fine_sum`` the same by
+    ``ace_fine_index(conf)``; ``pos`` (C, n + 1) counts pixels by label and ``slot_index(p_y, n)`` (zeros if not
+    ``classwise``); ``confmat`` (C, C) by label and prediction.
     """
     if _use(conf):
         return _pixel_hist_fused(conf, pred, p_y, y, valid, region, n, n_regions, num_classes, resolution, classwise)
@@ -295,14 +301,14 @@ def _pixel_hist_fused(conf: Tensor, pred: Tensor, p_y: Tensor, y: Tensor, valid:
                            n_img, conf[0].numel(), num_classes, n, n_regions, resolution, int(classwise),
                            top.data_ptr(), fine.data_ptr(), pos.data_ptr(), confmat.data_ptr(),
                            torch.get_num_threads())
-    return top, fine, pos, confmat
+    return top[..., :2], top[..., 2], fine[:, :2], fine[:, 2], pos, confmat
 
 
 def _count(idx: Tensor, size: int, weights: Tensor | None = None) -> Tensor:
     """``bincount`` of an int32 index known to be < ``size`` (``index_add_`` skips bincount's min/max passes)."""
     idx = idx.flatten()
     src = torch.ones(1, dtype=torch.int64, device=idx.device).expand(idx.numel()) if weights is None else weights
-    return torch.zeros(size, dtype=torch.int64, device=idx.device).index_add_(0, idx, src.flatten())
+    return torch.zeros(size, dtype=src.dtype, device=idx.device).index_add_(0, idx, src.flatten())
 
 
 def _pixel_hist_torch(conf: Tensor, pred: Tensor, p_y: Tensor, y: Tensor, valid: Tensor, region: Tensor | None,
@@ -317,14 +323,16 @@ def _pixel_hist_torch(conf: Tensor, pred: Tensor, p_y: Tensor, y: Tensor, valid:
     if region is not None:
         cell = cell + region.to(torch.int32) * (n + 1)
     tidx = slot_index(conf, n).add_(cell).masked_fill_(invalid, cells)
-    top = torch.stack([_count(tidx, cells + 1), _count(tidx, cells + 1, hit), _count(tidx, cells + 1, u)], -1)
+    top = torch.stack([_count(tidx, cells + 1), _count(tidx, cells + 1, hit)], -1)[:-1]
+    top_sum = _count(tidx, cells + 1, u)[:-1]
     fidx = ace_fine_index(conf, resolution).masked_fill_(invalid, resolution)
-    fine = torch.stack([_count(fidx, resolution + 1), _count(fidx, resolution + 1, hit),
-                        _count(fidx, resolution + 1, u)], -1)
+    fine = torch.stack([_count(fidx, resolution + 1), _count(fidx, resolution + 1, hit)], -1)[:-1]
+    fine_sum = _count(fidx, resolution + 1, u)[:-1]
     pos = torch.zeros(num_classes, n + 1, dtype=torch.int64, device=dev)
     if classwise:
         pidx = (y32 * (n + 1)).add_(slot_index(p_y, n)).masked_fill_(invalid, num_classes * (n + 1))
         pos = _count(pidx, num_classes * (n + 1) + 1)[:-1].view(num_classes, n + 1)
     cidx = (y32 * num_classes).add_(pred).masked_fill_(invalid, num_classes * num_classes)
     confmat = _count(cidx, num_classes * num_classes + 1)[:-1].view(num_classes, num_classes)
-    return top[:-1].view(n_img, n_regions, n + 1, 3), fine[:-1], pos, confmat
+    shape = (n_img, n_regions, n + 1)
+    return top.view(*shape, 2), top_sum.view(shape), fine, fine_sum, pos, confmat

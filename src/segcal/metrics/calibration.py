@@ -20,7 +20,6 @@ from segcal.metrics import _fused
 from segcal.metrics._binning import (
     IMAGE_SCALE,
     MAX_BATCH_PIXELS,
-    PIXEL_UNIT,
     ace_fine_edges,
     check_fixed,
     check_n_bins,
@@ -31,6 +30,7 @@ from segcal.metrics._binning import (
     refuse_meta,
     to_fixed,
     to_fixed2,
+    unit_of,
     units_to_fixed2,
 )
 from segcal.metrics.boundary import boundary_mask
@@ -159,8 +159,9 @@ def _dense_pass(preds: Tensor, y: Tensor, valid: Tensor, cfg: _CalibrationConfig
     pred = torch.empty(n_img, h, w, dtype=torch.int32, device=preds.device)
     p_y = torch.empty_like(conf)
     nll_rows = torch.empty(n_img, h, dtype=torch.float64, device=preds.device)
-    cw = torch.zeros(c if cfg.classwise else 0, cfg.n_bins + 1, dtype=torch.int64, device=preds.device)
-    brier = torch.zeros((), dtype=torch.int64, device=preds.device)
+    sum_dtype = torch.float64 if wd == torch.float64 else torch.int64  # see segcal.metrics._binning.to_units
+    cw = torch.zeros(c if cfg.classwise else 0, cfg.n_bins + 1, dtype=sum_dtype, device=preds.device)
+    brier = torch.zeros((), dtype=sum_dtype, device=preds.device)
     for i, r in _chunks(preds.shape):
         conf[i, r], pred[i, r], p_y[i, r], cw_part, brier_part, nll_rows[i, r] = _fused.dense_rows(
             preds[i, :, r].to(wd), logits, y[i, r], valid[i, r], cfg.n_bins, cfg.classwise)
@@ -169,18 +170,20 @@ def _dense_pass(preds: Tensor, y: Tensor, valid: Tensor, cfg: _CalibrationConfig
     return conf, pred, p_y, cw, brier, nll_rows
 
 
-def _add_top_label(top: Tensor, cfg: _CalibrationConfig, out: dict[str, Tensor]) -> None:
-    """(N, R, n + 1, 3) count / correct / confidence-unit histograms -> bin states and the per-image ECE sum."""
-    cnt, cor, units = (merge_slots(top[..., k]) for k in range(3))
+def _add_top_label(top: Tensor, top_sum: Tensor, out: dict[str, Tensor]) -> None:
+    """(N, R, n + 1, 2) count / correct histograms and (N, R, n + 1) confidence sums -> bin states and the
+    per-image ECE sum."""
+    cnt, cor, sums = merge_slots(top[..., 0]), merge_slots(top[..., 1]), merge_slots(top_sum)
     out["bin_count"] += cnt.sum(0)
     out["bin_correct"] += cor.sum(0)
-    out["bin_conf"] += units_to_fixed2(units.sum(0))
+    out["bin_conf"] += units_to_fixed2(sums.sum(0))
     img_n = cnt.sum((1, 2))
-    # exact integers up to here: |correct - sum of confidences| per image and bin, in units of 2**-32
-    img_gap = (cor.sum(1) * int(PIXEL_UNIT) - units.sum(1)).abs_().sum(1)
+    unit = unit_of(sums)
+    # |correct - sum of confidences| per image and bin: exact integers (in 1/unit) for float32 input
+    img_gap = (cor.sum(1).to(sums.dtype) * unit - sums.sum(1)).abs_().sum(1)
     has = img_n > 0
     # Each image's ECE is rounded to the grid on its own, so the state does not depend on how images are batched.
-    img_ece = img_gap[has].to(torch.float64) / PIXEL_UNIT / img_n[has]
+    img_ece = img_gap[has].to(torch.float64) / unit / img_n[has]
     out["image_ece_sum"] += to_fixed(img_ece, IMAGE_SCALE).sum()
     out["image_count"] += has.sum()
 
@@ -207,12 +210,13 @@ def _update_calibration(preds: Tensor, target: Tensor, cfg: _CalibrationConfig) 
     region = None
     if cfg.boundary_width is not None:
         region = boundary_mask(target, cfg.boundary_width, cfg.ignore_index).to(torch.int32)
-    top, fine, pos, confmat = _fused.pixel_hist(conf, pred, p_y, y, valid, region, cfg.n_bins, cfg.n_regions,
-                                                cfg.num_classes, cfg.ace_resolution, cfg.classwise)
-    _add_top_label(top, cfg, out)
+    top, top_sum, fine, fine_sum, pos, confmat = _fused.pixel_hist(
+        conf, pred, p_y, y, valid, region, cfg.n_bins, cfg.n_regions, cfg.num_classes, cfg.ace_resolution,
+        cfg.classwise)
+    _add_top_label(top, top_sum, out)
     out["fine_count"] += fine[:, 0]
     out["fine_correct"] += fine[:, 1]
-    out["fine_conf"] += units_to_fixed2(fine[:, 2])
+    out["fine_conf"] += units_to_fixed2(fine_sum)
     if cfg.classwise:
         out["cw_pos"] += merge_slots(pos)
         out["cw_conf"] += units_to_fixed2(merge_slots(cw))
