@@ -2,10 +2,11 @@
 
 Methods, each fed N images of realistic 11 x 360 x 480 float32 logits in batches of 4:
   softmax+max   bare ``softmax(1).max(1)`` pass: the floor every metric pays
-  segcal        ``CalibrationMetrics`` full suite (ece, mce, ace, cw_ece, nll, brier, oe, miou, image_ece)
-  segcal-fused  the full suite with ``SEGCAL_FUSED=1`` (fused C++ classwise kernel, threads over rows; states
-                bit-identical to ``segcal``; built before the timed region, cached in ~/.cache/segcal/ext)
-  segcal-no-cw  the same with ``classwise=False`` (everything but cw_ece)
+  segcal        ``CalibrationMetrics`` full suite (ece, mce, ace, cw_ece, nll, brier, oe, miou, image_ece), as
+                shipped: the fused C++ kernels (built before the timed region, cached in ~/.cache/segcal/ext)
+  segcal-torch  the same with ``SEGCAL_FUSED=0``: the pure-PyTorch twins (the CUDA / no-compiler path; states
+                bit-identical to ``segcal``)
+  segcal-no-cw  ``segcal`` with ``classwise=False`` (everything but cw_ece)
   tm-probs      torchmetrics ``MulticlassCalibrationError`` (ECE only; keeps every pixel's confidence) fed
                 PROBABILITIES, as its docs use it: the softmax is computed before the timed region, so the anchor
                 gets them for free (the strictest comparison for segcal, which takes logits)
@@ -34,7 +35,7 @@ import sys
 import time
 
 C, H, W, BATCH, POOL = 11, 360, 480, 4, 4
-METHODS = ["softmax+max", "segcal", "segcal-fused", "segcal-no-cw", "tm-probs", "tm-logits", "netcal"]
+METHODS = ["softmax+max", "segcal", "segcal-torch", "segcal-no-cw", "tm-probs", "tm-logits", "netcal"]
 
 
 def _pool(seed: int = 0):
@@ -65,7 +66,7 @@ def _run_once(method: str, pool, n_images: int) -> float:
     if method == "softmax+max":
         for logits, _ in batches:
             torch.softmax(logits, 1).max(1)
-    elif method in ("segcal", "segcal-fused", "segcal-no-cw"):
+    elif method in ("segcal", "segcal-torch", "segcal-no-cw"):
         from segcal.metrics import CalibrationMetrics
 
         m = CalibrationMetrics(C, classwise=method != "segcal-no-cw")
@@ -99,12 +100,12 @@ def _child(method: str, n_images: int, repeats: int, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    if method == "segcal-fused":
-        os.environ["SEGCAL_FUSED"] = "1"
+    os.environ["SEGCAL_FUSED"] = "0" if method == "segcal-torch" else "1"
+    if method in ("segcal", "segcal-no-cw"):
         from segcal.metrics import _fused
 
         if not _fused.available():
-            raise SystemExit("segcal-fused: no C++ toolchain")
+            raise SystemExit(f"{method}: the fused kernels could not be built (no C++ compiler?)")
     import netcal.metrics  # noqa: F401  (imports outside the timed region)
     import torchmetrics.classification  # noqa: F401
 

@@ -36,7 +36,7 @@ def _states(monkeypatch, flag, batches, **kwargs):
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"boundary_width": 1, "exclude_classes": [1]}, {"input": "probs"},
-                                    {"classwise": False}, {"n_bins": 7, "ace_resolution": 100}])
+                                    {"classwise": False}, {"n_bins": 7, "ace_resolution": 100}, {"n_bins": 2}])
 def test_states_are_bit_identical_to_the_twins_for_any_thread_count(fused, monkeypatch, threads, kwargs):
     logits, target = realistic_logits(3, 6, 40, 53, seed=0)  # W = 53: not a multiple of any vector width
     target[:, :3] = 255
@@ -65,23 +65,24 @@ def _hard_logits(c: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, tor
 
 @pytest.mark.parametrize("c", [2, 5, 300])
 @pytest.mark.parametrize("logits", [True, False])
-def test_each_kernel_equals_its_twin(fused, threads, c, logits):
+@pytest.mark.parametrize("n", [1, 15])
+def test_each_kernel_equals_its_twin(fused, threads, c, logits, n):
     x, y, valid = _hard_logits(c)
     if not logits:
         x = _fused.softmax(x)
-    want = _fused._dense_rows_torch(x, logits, y, valid, 15, True)
+    want = _fused._dense_rows_torch(x, logits, y, valid, n, True)
     for n_threads in (1, 2):
         torch.set_num_threads(n_threads)
-        got = _fused.dense_rows(x, logits, y, valid, 15, True)
+        got = _fused._dense_rows_fused(x, logits, y, valid, n, True)
         for name, a, b in zip(("conf", "pred", "p_y", "cw", "brier", "nll_rows"), got, want):
             assert torch.equal(a, b), (n_threads, name)
     conf, pred, p_y = want[:3]
     region = (torch.arange(37) % 2).expand(2, 9, 37).contiguous()
     for reg in (None, region):
-        want_h = _fused._pixel_hist_torch(conf, pred, p_y, y, valid, reg, 15, 2, c, 4096, True)
+        want_h = _fused._pixel_hist_torch(conf, pred, p_y, y, valid, reg, n, 2, c, 4096, True)
         for n_threads in (1, 2):
             torch.set_num_threads(n_threads)
-            got_h = _fused.pixel_hist(conf, pred, p_y, y, valid, reg, 15, 2, c, 4096, True)
+            got_h = _fused._pixel_hist_fused(conf, pred, p_y, y, valid, reg, n, 2, c, 4096, True)
             for a, b in zip(got_h, want_h):
                 assert torch.equal(a, b), n_threads
 

@@ -6,7 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
+#include <omp.h>
 #include <vector>
 
 namespace {
@@ -51,18 +51,22 @@ inline int32_t fine_index(float c, double res_minus_1) {
   return c >= 1.0f ? static_cast<int32_t>(res_minus_1) : idx;
 }
 
-// Runs fn(begin, end, thread) on `threads` contiguous parts of [0, total).
+// Runs fn(begin, end, thread) on `threads` contiguous parts of [0, total), on OpenMP threads: in a process that has
+// loaded PyTorch's libgomp these are PyTorch's own intra-op threads (one soname, one runtime), so the kernels never
+// compete with threads that PyTorch keeps spinning after its last parallel operation.
 template <class F>
 void parallel(int64_t total, int threads, int64_t grain, F fn) {
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, total / std::max<int64_t>(1, grain)));
+  const int parts = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(threads, total / std::max<int64_t>(1, grain))));
   if (parts == 1) {
     fn(0, total, 0);
     return;
   }
-  std::vector<std::thread> pool;
-  for (int64_t t = 1; t < parts; ++t) pool.emplace_back(fn, total * t / parts, total * (t + 1) / parts, int(t));
-  fn(0, total / parts, 0);
-  for (auto& th : pool) th.join();
+#pragma omp parallel num_threads(parts)
+  {
+    const int64_t t = omp_get_thread_num(), used = omp_get_num_threads();
+    fn(total * t / used, total * (t + 1) / used, static_cast<int>(t));
+  }
 }
 
 // exp(x) for x <= 0 in float32, as a fixed sequence of IEEE operations that softmax_twin() in _fused.py repeats
@@ -165,6 +169,8 @@ void add_squares(const float* __restrict pc, int64_t W, int64_t* __restrict sq) 
   for (int64_t w = 0; w < W; ++w) sq[w] += sq_units(pc[w]);
 }
 
+// Units and slots of one class row (invalid pixels: slot 1 and 0 units). Returns the units of slot 1 — the slot of
+// most probabilities (p <= 1/n) — summed in the vectorised loop, so only the other slots need the scatter.
 // Units and slots of one class row (invalid pixels: slot 1 and 0 units). Returns the units of slot 1 — the slot of
 // most probabilities (p <= 1/n) — summed in the vectorised loop, so only the other slots need the scatter.
 int64_t units_slots(const float* __restrict pc, const uint8_t* __restrict ok, int64_t W, float nf, int32_t n,

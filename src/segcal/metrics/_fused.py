@@ -39,7 +39,7 @@ from segcal.metrics._binning import PIXEL_UNIT, ace_fine_index, slot_index, to_u
 
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("_fused.cpp")
-_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-math-errno",
+_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
           "-fno-trapping-math"]
 _lib: ctypes.CDLL | None = None
 _failed = False
