@@ -29,11 +29,6 @@ inline int64_t round_small(double v) {
 
 inline int64_t units(float v) { return round_small(static_cast<double>(v) * kUnit); }  // 0 <= v <= 1
 
-inline int64_t sq_units(float v) {
-  const double d = v;
-  return round_small(d * d * kUnit);  // d * d is exact in double
-}
-
 inline int32_t slot(float v, float nf, int32_t n) {
   const int32_t s = static_cast<int32_t>(std::ceil(v * nf));
   return s < 0 ? 0 : (s > n ? n : s);
@@ -165,8 +160,8 @@ void max_argmax(const float* __restrict p, int64_t stride, int64_t C, int64_t W,
   }
 }
 
-void add_squares(const float* __restrict pc, int64_t W, int64_t* __restrict sq) {
-  for (int64_t w = 0; w < W; ++w) sq[w] += sq_units(pc[w]);
+void add_squares(const float* __restrict pc, int64_t W, float* __restrict sq) {
+  for (int64_t w = 0; w < W; ++w) sq[w] += pc[w] * pc[w];
 }
 
 // Units and slots of one class row (invalid pixels: slot 1 and 0 units). Returns the units of slot 1 — the slot of
@@ -184,10 +179,14 @@ int64_t units_slots(const float* __restrict pc, const uint8_t* __restrict ok, in
   return first;
 }
 
-int64_t brier_terms(const float* __restrict py, const int64_t* __restrict sq, const uint8_t* __restrict ok,
+// per pixel, the float32 Brier score (sum_k p_k^2 - 2 p_y) + 1 (squares summed in class order), rounded to units
+int64_t brier_terms(const float* __restrict py, const float* __restrict sq, const uint8_t* __restrict ok,
                     int64_t W) {
   int64_t b = 0;
-  for (int64_t w = 0; w < W; ++w) b += ok[w] ? sq[w] - 2 * units(py[w]) + static_cast<int64_t>(kUnit) : 0;
+  for (int64_t w = 0; w < W; ++w) {
+    const float brier = (sq[w] - 2.0f * py[w]) + 1.0f;
+    b += ok[w] ? std::llrint(static_cast<double>(brier) * kUnit) : 0;  // may be -0.0: not in [0, 2**51)
+  }
   return b;
 }
 
@@ -221,7 +220,8 @@ int32_t segcal_dense_rows(const float* x, int32_t logits, const int32_t* y, cons
   std::vector<int32_t> status(threads, 0);
   parallel(N * H, threads, 8, [&](int64_t begin, int64_t end, int t) {
     std::vector<int64_t> local(classwise ? C * 4 * S : 0, 0);
-    std::vector<int64_t> sq(W), u(W);
+    std::vector<int64_t> u(W);
+    std::vector<float> sq(W);
     std::vector<int32_t> s(W), rest(W);
     std::vector<float> prob(logits ? C * W : 0), m(W), z(W), dy(W), nll_px(W);
     int64_t b = 0;
@@ -239,7 +239,7 @@ int32_t segcal_dense_rows(const float* x, int32_t logits, const int32_t* y, cons
         stride = W;
       }
       max_argmax(p0, stride, C, W, cmax, arg);
-      std::fill(sq.begin(), sq.end(), 0);
+      std::fill(sq.begin(), sq.end(), 0.0f);
       for (int64_t c = 0; c < C; ++c) {
         const float* pc = p0 + c * stride;
         add_squares(pc, W, sq.data());

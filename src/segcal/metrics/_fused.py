@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from segcal.metrics._binning import PIXEL_UNIT, ace_fine_index, slot_index, to_units
+from segcal.metrics._binning import ace_fine_index, slot_index, to_units
 
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("_fused.cpp")
@@ -186,7 +186,8 @@ def dense_rows(x: Tensor, logits: bool, y: Tensor, valid: Tensor, n: int, classw
 
     With ``p = softmax(x)`` if ``logits`` else ``x``: ``conf = max_k p_k``, ``pred`` = first argmax (int32),
     ``p_y = p[y]``; over valid pixels, ``cw`` (C, n + 1) int64 sums ``to_units(p_k)`` by ``slot_index(p_k, n)``
-    (empty if not ``classwise``), ``brier`` (0-dim int64) sums ``sum_k to_units(p_k^2) - 2 to_units(p_y) + 2**32``
+    (empty if not ``classwise``), ``brier`` (0-dim int64) sums ``to_units((sum_k p_k^2 - 2 p_y) + 1)`` (float32,
+    squares in class order)
     and ``nll_rows`` (N, H) float64 sums the NLL of each image row in pixel order — ``log s - (x_y - max x)`` for
     logits (exact for any p_y, no underflow), ``-log max(p_y, tiny)`` for probabilities.
 
@@ -255,9 +256,11 @@ def _dense_rows_torch(x: Tensor, logits: bool, y: Tensor, valid: Tensor, n: int,
         cw = acc.index_add_(0, idx.flatten(), vals.flatten())[:-1].view(c, n + 1)
     if p.dtype == torch.float64:
         per_pixel = torch.square(p).sum(1).sub_(p_y, alpha=2).add_(1.0).masked_fill_(~valid, 0.0)
-    else:
-        sq = torch.round(torch.square(p.to(torch.float64)).mul_(PIXEL_UNIT)).to(torch.int64).sum(1)
-        per_pixel = sq.sub_(to_units(p_y), alpha=2).add_(int(PIXEL_UNIT)).masked_fill_(~valid, 0)
+    else:  # float32, squares summed in class order, as in the kernel
+        sq = torch.zeros_like(p_y)
+        for k in range(c):
+            sq += p[:, k] * p[:, k]
+        per_pixel = to_units((sq - 2.0 * p_y) + 1.0).masked_fill_(~valid, 0)
     tiny = torch.finfo(p.dtype).tiny
     if not logits:
         nll = -(log_twin(p_y.clamp_min(tiny)) if p.dtype == torch.float32 else torch.log(p_y.clamp_min(tiny)))
