@@ -48,8 +48,9 @@ def check_finite(x: Tensor, name: str) -> None:
 
 
 def check_target(target: object, num_classes: int, ignore_index: int | None, *, name: str = "target",
-                 shape: tuple[int, ...] | None = None) -> Tensor:
-    """(N, H, W) integer labels in [0, C) or equal to ``ignore_index``."""
+                 shape: tuple[int, ...] | None = None, check_values: bool = True) -> Tensor:
+    """(N, H, W) integer labels in [0, C) or equal to ``ignore_index`` (``check_values=False``: dtype and shape
+    only; the caller checks the range itself, e.g. the fused metric kernel)."""
     target = check_tensor(target, name)
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise TypeError(f"`{name}` must be an integer tensor of class indices, got {target.dtype}")
@@ -60,6 +61,8 @@ def check_target(target: object, num_classes: int, ignore_index: int | None, *, 
                          f"{tuple(shape)}")
     # where() instead of target[valid]: boolean indexing compacts a copy and is several times slower. Filling the
     # ignored pixels with 0 cannot hide a bad label, so one min-max pass decides; the message pass runs on failure.
+    if not check_values:
+        return target
     labels = target if ignore_index is None else torch.where(target != ignore_index, target, 0)
     if target.numel() and not _in_range(*torch.aminmax(labels), num_classes):
         valid = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
@@ -83,7 +86,7 @@ def check_logits_target(logits: object, target: object, ignore_index: int | None
     if num_classes is not None and c != num_classes:
         raise ValueError(f"`logits` has C={c} classes but {num_classes} were expected")
     n, _, h, w = logits.shape
-    target = check_target(target, c, ignore_index, shape=(n, h, w))
+    target = check_target(target, c, ignore_index, shape=(n, h, w), check_values=check_values)
     return logits, target
 
 

@@ -204,6 +204,29 @@ void nll_terms(bool logits, const float* __restrict s, const float* __restrict d
 
 extern "C" {
 
+// Labels of P pixels -> y (int32, 0 where invalid) and valid (0/1): valid unless equal to `ignore` (if has_ignore)
+// or excluded (exclude: C flags, may be null). Returns 2 if a valid label is outside [0, C), else 0.
+int32_t segcal_labels(const int64_t* target, int64_t P, int64_t C, int32_t has_ignore, int64_t ignore,
+                      const uint8_t* exclude, int32_t* y, uint8_t* valid, int32_t threads) {
+  std::vector<int32_t> status(threads, 0);
+  parallel(P, threads, 1 << 16, [&](int64_t begin, int64_t end, int t) {
+    int32_t bad = 0;
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t lab = target[k];
+      const bool in_range = lab >= 0 && lab < C;
+      bool ok = !(has_ignore && lab == ignore);
+      bad |= ok && !in_range;
+      ok = ok && in_range && !(exclude && exclude[in_range ? lab : 0]);
+      valid[k] = ok;
+      y[k] = ok ? static_cast<int32_t>(lab) : 0;
+    }
+    status[t] = bad ? 2 : 0;
+  });
+  int32_t result = 0;
+  for (int32_t st : status) result |= st;
+  return result;
+}
+
 // Dense step over (N, C, H, W) scores x (logits if `logits`, else probabilities), one image row (all classes) at
 // a time. Out per pixel: conf = max_k p_k, pred = first argmax, p_y = p[y]. Accumulated (+=) over valid pixels:
 // cw (C, n + 1): units(p_k) by slot(p_k); brier: units of sum_k p_k^2 - 2 p_y + 1 (each term rounded on its own).

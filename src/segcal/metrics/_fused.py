@@ -47,6 +47,7 @@ _lock = threading.Lock()
 
 _I64, _I32, _VP = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
 _SIGNATURES = {
+    "segcal_labels": [_VP, _I64, _I64, _I32, _I64, _VP, _VP, _VP, _I32],
     "segcal_dense_rows": [_VP, _I32, _VP, _VP, _I64, _I64, _I64, _I64, _I32, _I32, _VP, _VP, _VP, _VP, _VP, _VP,
                           _I32],
     "segcal_pixel_hist": [_VP, _VP, _VP, _VP, _VP, _VP, _I64, _I64, _I64, _I32, _I64, _I64, _I32, _VP, _VP, _VP, _VP,
@@ -104,6 +105,7 @@ def _load() -> ctypes.CDLL | None:
             for name, argtypes in _SIGNATURES.items():
                 getattr(lib, name).argtypes = argtypes
             lib.segcal_dense_rows.restype = ctypes.c_int32
+            lib.segcal_labels.restype = ctypes.c_int32
             lib.segcal_pixel_hist.restype = None
             _lib = lib
         except Exception as err:  # no compiler / unwritable cache: the PyTorch twins are always correct
@@ -119,6 +121,30 @@ def fused_applies(t: Tensor) -> bool:
 
 
 _use = fused_applies
+
+
+# ------------------------------------------------------------------------------------------------ labels
+def labels(target: Tensor, num_classes: int, ignore_index: int | None, exclude: tuple[int, ...],
+           *, fused: bool) -> tuple[Tensor, Tensor] | None:
+    """``(y, valid)``: (N, H, W) int32 labels (0 where invalid) and the mask of pixels that are neither
+    ``ignore_index`` nor an excluded class. With ``fused`` (the CPU kernels are in use) one kernel pass, which
+    returns ``None`` if a valid label lies outside ``[0, C)``; otherwise PyTorch ops (labels assumed checked)."""
+    if not fused:
+        valid = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+        for k in exclude:
+            valid &= target != k
+        return torch.where(valid, target, 0).to(torch.int32), valid
+    t64 = target.to(torch.int64).contiguous()
+    y = torch.empty(target.shape, dtype=torch.int32)
+    valid = torch.empty(target.shape, dtype=torch.bool)
+    flags = None
+    if exclude:
+        flags = torch.zeros(num_classes, dtype=torch.uint8)
+        flags[list(exclude)] = 1
+    status = _lib.segcal_labels(t64.data_ptr(), t64.numel(), num_classes, int(ignore_index is not None),
+                                0 if ignore_index is None else int(ignore_index), _ptr(flags), y.data_ptr(),
+                                valid.data_ptr(), torch.get_num_threads())
+    return None if status else (y, valid)
 
 
 def _ptr(t: Tensor | None) -> int | None:

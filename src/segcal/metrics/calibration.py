@@ -107,16 +107,16 @@ def _format_calibration(preds: object, target: object, cfg: _CalibrationConfig) 
     """Validate a batch: (N, C, H, W) logits/probabilities and (N, H, W) labels."""
     refuse_meta(preds, "preds")
     refuse_meta(target, "target")
+    # the fused kernels check the logits' values and the labels' range themselves (float16/bfloat16 become float32
+    # first, keeping inf); the probabilities' range and sum are checked here on every path
+    in_kernel = _in_kernel(preds)
     if cfg.input == "logits":
-        # the fused kernel refuses NaN/inf itself (float16/bfloat16 become float32 first, keeping inf)
-        in_kernel = isinstance(preds, Tensor) and preds.dtype != torch.float64 and _fused.fused_applies(
-            preds.new_empty(0, dtype=torch.float32))
         return check_logits_target(preds, target, cfg.ignore_index, cfg.num_classes, check_values=not in_kernel)
     preds = check_dense_scores(preds, "preds")
     if preds.shape[1] != cfg.num_classes:
         raise ValueError(f"`preds` has C={preds.shape[1]} classes but num_classes={cfg.num_classes}")
     n, _, h, w = preds.shape
-    target = check_target(target, cfg.num_classes, cfg.ignore_index, shape=(n, h, w))
+    target = check_target(target, cfg.num_classes, cfg.ignore_index, shape=(n, h, w), check_values=not in_kernel)
     lo, hi = (float(v) for v in torch.aminmax(preds))
     if lo < 0.0 or hi > 1.0:
         raise ValueError(f"`preds` with input='probs' must lie in [0, 1], got min {lo:.4g}, max {hi:.4g}")
@@ -127,12 +127,19 @@ def _format_calibration(preds: object, target: object, cfg: _CalibrationConfig) 
     return preds, target
 
 
-def _valid_mask(target: Tensor, cfg: _CalibrationConfig) -> Tensor:
-    valid = target != cfg.ignore_index if cfg.ignore_index is not None else torch.ones_like(target,
-                                                                                            dtype=torch.bool)
-    for k in cfg.exclude_classes:
-        valid &= target != k
-    return valid
+def _in_kernel(preds: object) -> bool:
+    """Whether this batch's dense pass runs in the fused CPU kernel (which then also checks the values)."""
+    return (isinstance(preds, Tensor) and preds.dtype != torch.float64
+            and _fused.fused_applies(preds.new_empty(0, dtype=torch.float32)))
+
+
+def _labels(preds: Tensor, target: Tensor, cfg: _CalibrationConfig) -> tuple[Tensor, Tensor]:
+    """(N, H, W) int32 labels (0 where invalid) and the valid mask (not ignore_index, not an excluded class)."""
+    out = _fused.labels(target, cfg.num_classes, cfg.ignore_index, cfg.exclude_classes, fused=_in_kernel(preds))
+    if out is None:  # a label out of range reached the kernel (validation was skipped): the detailed message
+        check_target(target, cfg.num_classes, cfg.ignore_index)
+        raise ValueError(f"`target` has labels outside [0, {cfg.num_classes}) that are not ignore_index")
+    return out
 
 
 def _chunks(shape: torch.Size) -> list[tuple[slice, slice]]:
@@ -204,8 +211,7 @@ def _update_calibration(preds: Tensor, target: Tensor, cfg: _CalibrationConfig) 
         parts = [_update_calibration(preds[k:k + step], target[k:k + step], cfg) for k in range(0, n_img, step)]
         return {key: sum(part[key] for part in parts) for key in parts[0]}
     out = _zero_states(cfg, preds.device)
-    valid = _valid_mask(target, cfg)
-    y = torch.where(valid, target, 0).long()
+    y, valid = _labels(preds, target, cfg)
     conf, pred, p_y, cw, brier, nll_rows = _dense_pass(preds, y, valid, cfg)
     region = None
     if cfg.boundary_width is not None:
