@@ -118,18 +118,22 @@ inline float log_positive(float v) {
 // Softmax over the C values of each pixel of one image row (x rows are `stride` apart) into p (C, W):
 // m = max, e_k = exp(x_k - m), s = e_0 + e_1 + ... (in class order), p_k = e_k / s.
 // m (max) and s (sum) are kept for the NLL, log s - (x_y - m). Returns whether a value was NaN or infinite.
+// arg: the first argmax of the logits (the model's prediction), found in the max pass; p[arg] = 1 / s = max_k p_k.
 bool softmax_row(const float* __restrict x, int64_t stride, int64_t C, int64_t W, float* __restrict p,
-                 float* __restrict m, float* __restrict s) {
+                 float* __restrict m, float* __restrict s, int32_t* __restrict arg) {
   int32_t bad = 0;
   for (int64_t w = 0; w < W; ++w) {
     m[w] = x[w];
     s[w] = 0.0f;
+    arg[w] = 0;
   }
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t w = 0; w < W; ++w) {
       const float v = x[c * stride + w];
       bad |= (v - v) != 0.0f;  // NaN for NaN and +-inf
-      m[w] = std::max(m[w], v);
+      const bool gt = v > m[w];
+      m[w] = gt ? v : m[w];
+      arg[w] = gt ? static_cast<int32_t>(c) : arg[w];
     }
   }
   for (int64_t c = 0; c < C; ++c) {
@@ -228,7 +232,8 @@ int32_t segcal_labels(const int64_t* target, int64_t P, int64_t C, int32_t has_i
 }
 
 // Dense step over (N, C, H, W) scores x (logits if `logits`, else probabilities), one image row (all classes) at
-// a time. Out per pixel: conf = max_k p_k, pred = first argmax, p_y = p[y]. Accumulated (+=) over valid pixels:
+// a time. Out per pixel: conf = max_k p_k, pred = first argmax of x (= of the logits, or of the probabilities),
+// p_y = p[y]. Accumulated (+=) over valid pixels:
 // cw (C, n + 1): units(p_k) by slot(p_k); brier: units of sum_k p_k^2 - 2 p_y + 1 (each term rounded on its own).
 // nll_rows (N * H) float64: per image row, the in-order sum over valid pixels of the float32 NLL
 // (logits: log s - (x_y - m); probabilities: -log max(p_y, FLT_MIN)). Returns 0, or 1 if x holds NaN/inf (logits
@@ -257,11 +262,13 @@ int32_t segcal_dense_rows(const float* x, int32_t logits, const int32_t* y, cons
       const float* p0 = x0;
       int64_t stride = H * W;  // between the classes of p0
       if (logits) {
-        if (softmax_row(x0, stride, C, W, prob.data(), m.data(), z.data())) status[t] |= 1;
+        if (softmax_row(x0, stride, C, W, prob.data(), m.data(), z.data(), arg)) status[t] |= 1;
         p0 = prob.data();
         stride = W;
+        for (int64_t w = 0; w < W; ++w) cmax[w] = 1.0f / z[w];
+      } else {
+        max_argmax(p0, stride, C, W, cmax, arg);
       }
-      max_argmax(p0, stride, C, W, cmax, arg);
       std::fill(sq.begin(), sq.end(), 0.0f);
       for (int64_t c = 0; c < C; ++c) {
         const float* pc = p0 + c * stride;

@@ -210,7 +210,8 @@ def log_twin(v: Tensor) -> Tensor:
 def dense_rows(x: Tensor, logits: bool, y: Tensor, valid: Tensor, n: int, classwise: bool) -> tuple[Tensor, ...]:
     """``(conf, pred, p_y, cw, brier, nll_rows)`` of (N, C, H, W) scores, (N, H, W) labels (0 where invalid), mask.
 
-    With ``p = softmax(x)`` if ``logits`` else ``x``: ``conf = max_k p_k``, ``pred`` = first argmax (int32),
+    With ``p = softmax(x)`` if ``logits`` else ``x``: ``conf = max_k p_k``, ``pred`` = first argmax of ``x``
+    (int32; for logits the model's prediction — a tie of probabilities that the logits break is not a tie),
     ``p_y = p[y]``; over valid pixels, ``cw`` (C, n + 1) int64 sums ``to_units(p_k)`` by ``slot_index(p_k, n)``
     (empty if not ``classwise``), ``brier`` (0-dim int64) sums ``to_units((sum_k p_k^2 - 2 p_y) + 1)`` (float32,
     squares in class order)
@@ -270,8 +271,8 @@ def _dense_rows_torch(x: Tensor, logits: bool, y: Tensor, valid: Tensor, n: int,
         p = e.div_(s.unsqueeze(1))
     else:
         p = torch.softmax(x, 1)
-    conf = p.amax(1)
-    pred = first_argmax(p, conf)
+    conf = p.amax(1)  # = p[pred] for logits: e = exp(0) = 1 there, so p = 1 / s, the largest
+    pred = first_argmax(x, x.amax(1))
     p_y = p.gather(1, y.unsqueeze(1)).squeeze(1)
     cw = torch.zeros(c if classwise else 0, n + 1, dtype=torch.int64, device=p.device)
     if classwise:
