@@ -1,21 +1,25 @@
 """Fused CPU kernels for ``CalibrationMetrics.update`` (``_fused.cpp``), with the pure-PyTorch twins they must equal.
 
-After the softmax (kept in PyTorch), two passes replace about thirty tensor operations of the update:
+Three passes replace about sixty tensor operations of the update:
 
-- :func:`dense_rows` reads each pixel's C probabilities once (a chunk at a time, image rows spread over threads):
-  top-label confidence, first argmax, ``p_y``, the classwise-ECE histogram and the Brier sum;
+- :func:`labels`: validity (``ignore_index``, excluded classes), int32 labels and the label range check;
+- :func:`dense_rows` reads each pixel's C logits (or probabilities) once, image row by image row, rows spread over
+  threads: softmax (:func:`softmax`), top-label confidence, the first argmax of the logits, ``p_y``, the
+  classwise-ECE histogram, the Brier sum and the NLL row sums (``log s - (x_y - max x)`` with :func:`log_twin`);
 - :func:`pixel_hist` reads the per-pixel results of a batch once: the top-label histograms (per image and region),
   the fine adaptive-ECE histogram, the classwise positives and the confusion matrix.
 
-Both compute every slot and every summed value exactly as the PyTorch twins below do (float32 products and ``ceil``
-for slots; ``round(v * 2**32)``, half to even, for summed values) and all sums are integer sums, which are exact, so
-their results are **bit-identical** to the twins for any number of threads (tested) — the twins are the CUDA, float64
-and no-compiler path.
+Each kernel computes every slot and every summed value by the same IEEE float32 operations as its PyTorch twin here
+(``ceil`` of float32 products for slots; ``round(v * 2**32)``, half to even, for summed values; the softmax and log
+as fixed operation sequences), all sums but the NLL's are integer sums, which are exact, and the NLL is summed per
+image row in pixel order — so the results are **bit-identical** to the twins for any number of threads (tested).
+The twins are the CUDA, float64 and no-compiler path.
 
 On by default for float32 CPU inputs; ``SEGCAL_FUSED=0`` switches it off. The first use builds the kernels with the
-system C++ compiler (``$CXX`` or ``g++``/``c++``, about a second) into ``$SEGCAL_EXT_DIR`` (default
-``~/.cache/segcal/ext``), keyed by the source, flags and CPU; later processes load the cached library. Without a
-compiler the PyTorch twins are used, with one warning.
+system C++ compiler (``$CXX`` or ``g++``/``c++``, about two seconds, no torch headers) into ``$SEGCAL_EXT_DIR``
+(default ``~/.cache/segcal/ext``), keyed by the source, flags and CPU; later processes load the cached library.
+Threads are OpenMP threads of the process's ``libgomp`` — PyTorch's own when it uses one. Without a compiler the
+PyTorch twins are used, with one warning.
 """
 
 from __future__ import annotations
