@@ -171,6 +171,19 @@ def test_without_a_compiler_the_twins_are_used_with_one_warning(monkeypatch, tmp
         assert torch.equal(getattr(m, k), v), k
 
 
+def test_a_kernel_built_without_openmp_or_native_flags_gives_the_same_states(fused, monkeypatch, tmp_path):
+    logits, target = realistic_logits(2, 5, 24, 31, seed=4)
+    target[:, :2] = 255
+    want = _states(monkeypatch, "0", [(logits, target)])
+    monkeypatch.setattr(_fused, "_lib", None)
+    monkeypatch.setattr(_fused, "_OPTIONAL_FLAGS", ([],))  # plain -O3: no -fopenmp, no -march=native
+    monkeypatch.setenv("SEGCAL_EXT_DIR", str(tmp_path))
+    got = _states(monkeypatch, "1", [(logits, target)])
+    assert list(tmp_path.glob("segcal_fused_*.so"))
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
 def test_kernels_are_built_once_into_the_cache(fused):
     folder = os.environ.get("SEGCAL_EXT_DIR")
     assert _fused._lib is not None

@@ -6,7 +6,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#ifdef _OPENMP
 #include <omp.h>
+#endif
 #include <vector>
 
 namespace {
@@ -57,11 +59,15 @@ void parallel(int64_t total, int threads, int64_t grain, F fn) {
     fn(0, total, 0);
     return;
   }
+#ifdef _OPENMP
 #pragma omp parallel num_threads(parts)
   {
     const int64_t t = omp_get_thread_num(), used = omp_get_num_threads();
     fn(total * t / used, total * (t + 1) / used, static_cast<int>(t));
   }
+#else  // a compiler without OpenMP (e.g. Apple clang): one thread, same results
+  fn(0, total, 0);
+#endif
 }
 
 // exp(x) for x <= 0 in float32, as a fixed sequence of IEEE operations that softmax_twin() in _fused.py repeats

@@ -18,8 +18,9 @@ The twins are the CUDA, float64 and no-compiler path.
 On by default for float32 CPU inputs; ``SEGCAL_FUSED=0`` switches it off. The first use builds the kernels with the
 system C++ compiler (``$CXX`` or ``g++``/``c++``, about two seconds, no torch headers) into ``$SEGCAL_EXT_DIR``
 (default ``~/.cache/segcal/ext``), keyed by the source, flags and CPU; later processes load the cached library.
-Threads are OpenMP threads of the process's ``libgomp`` — PyTorch's own when it uses one. Without a compiler the
-PyTorch twins are used, with one warning.
+Threads are OpenMP threads of the process's ``libgomp`` — PyTorch's own when it uses one; a compiler without OpenMP
+(Apple clang) builds a one-thread kernel with the same results. Without a compiler the PyTorch twins are used, with
+one warning.
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ from segcal.metrics._binning import ace_fine_index, slot_index, to_units
 
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("_fused.cpp")
-_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
-          "-fno-trapping-math"]
+_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+# tried in order: not every compiler knows -march=native (clang on arm64) or OpenMP (Apple clang); the kernel gives
+# the same results with any of them, only its speed differs
+_OPTIONAL_FLAGS = (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], [])
 _lib: ctypes.CDLL | None = None
 _failed = False
 _lock = threading.Lock()
@@ -84,8 +87,8 @@ def _compile(out: Path) -> None:
         raise RuntimeError("no C++ compiler (set CXX or install g++)")
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         lib = Path(tmp) / out.name
-        for arch in (["-march=native"], []):  # -march=native is not known to every compiler
-            res = subprocess.run([cxx, *_FLAGS, *arch, str(_SOURCE), "-o", str(lib)], capture_output=True, text=True)
+        for extra in _OPTIONAL_FLAGS:
+            res = subprocess.run([cxx, *_FLAGS, *extra, str(_SOURCE), "-o", str(lib)], capture_output=True, text=True)
             if res.returncode == 0:
                 os.replace(lib, out)  # atomic: a concurrent process sees the whole library or none
                 return
@@ -98,7 +101,8 @@ def _load() -> ctypes.CDLL | None:
         if _lib is not None or _failed:
             return _lib
         try:
-            key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + _cpu_key().encode()).hexdigest()
+            flags = " ".join(_FLAGS + [f for extra in _OPTIONAL_FLAGS for f in extra])
+            key = hashlib.sha256(_SOURCE.read_bytes() + flags.encode() + _cpu_key().encode()).hexdigest()
             folder = Path(os.environ.get("SEGCAL_EXT_DIR", Path.home() / ".cache" / "segcal" / "ext"))
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"segcal_fused_{key[:16]}.so"
