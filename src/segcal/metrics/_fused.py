@@ -128,8 +128,6 @@ def fused_applies(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.float32 and enabled() and _load() is not None
 
 
-_use = fused_applies
-
 
 # ------------------------------------------------------------------------------------------------ labels
 def labels(target: Tensor, num_classes: int, ignore_index: int | None, exclude: tuple[int, ...],
@@ -228,7 +226,7 @@ def dense_rows(x: Tensor, logits: bool, y: Tensor, valid: Tensor, n: int, classw
 
     Raises ``ValueError`` (fused path) for NaN/inf logits or a valid label outside [0, C).
     """
-    if _use(x):
+    if fused_applies(x):
         return _dense_rows_fused(x.contiguous(), logits, y, valid, n, classwise)
     return _dense_rows_torch(x, logits, y, valid, n, classwise)
 
@@ -319,7 +317,7 @@ def pixel_hist(conf: Tensor, pred: Tensor, p_y: Tensor, y: Tensor, valid: Tensor
     ``ace_fine_index(conf)``; ``pos`` (C, n + 1) counts pixels by label and ``slot_index(p_y, n)`` (zeros if not
     ``classwise``); ``confmat`` (C, C) by label and prediction.
     """
-    if _use(conf):
+    if fused_applies(conf):
         return _pixel_hist_fused(conf, pred, p_y, y, valid, region, n, n_regions, num_classes, resolution, classwise)
     return _pixel_hist_torch(conf, pred, p_y, y, valid, region, n, n_regions, num_classes, resolution, classwise)
 
