@@ -87,6 +87,32 @@ def test_each_kernel_equals_its_twin(fused, threads, c, logits, n):
                 assert torch.equal(a, b), n_threads
 
 
+def _edge_probabilities() -> torch.Tensor:
+    """(1, 4, 3, 29) values in [0, 1] at the classwise kernel's boundaries: slot edges k / n and their float32
+    neighbours, the vectorised pass's limit 1/2, halves of a unit (2**-33: rounding ties) and subnormals."""
+    def near(v: float) -> list[float]:
+        f = torch.tensor(v, dtype=torch.float32)
+        return [float(torch.nextafter(f, torch.tensor(0.0))), float(f), float(torch.nextafter(f, torch.tensor(1.0)))]
+
+    vals = [0.0, -0.0, 1e-45, 2**-33, 3 * 2**-33, 5 * 2**-34, 2**-23 + 2**-33, 1.0]
+    for v in (1 / 15, 2 / 15, 1 / 7, 1 / 3, 0.5, 2 / 3, 14 / 15):
+        vals += near(v)
+    g = torch.Generator().manual_seed(5)
+    pool = torch.tensor(vals, dtype=torch.float32)
+    return pool[torch.randint(0, len(vals), (1, 4, 3, 29), generator=g)]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 15])
+def test_classwise_kernel_equals_its_twin_at_slot_edges(fused, n):
+    x = _edge_probabilities()
+    y = torch.zeros(1, 3, 29, dtype=torch.int32)
+    valid = torch.ones(1, 3, 29, dtype=torch.bool)
+    valid[0, 1, ::3] = False
+    want = _fused._dense_rows_torch(x, False, y, valid, n, True)[3]
+    got = _fused._dense_rows_fused(x, False, y, valid, n, True)[3]
+    assert torch.equal(got, want)
+
+
 def test_exact_ties_and_saturation_are_handled(fused):
     x, y, valid = _hard_logits(5)
     conf, pred, *_ = _fused.dense_rows(x, True, y, valid, 15, True)
@@ -182,6 +208,10 @@ def test_a_kernel_built_without_openmp_or_native_flags_gives_the_same_states(fus
     assert list(tmp_path.glob("segcal_fused_*.so"))
     for k in want:
         assert torch.equal(got[k], want[k]), k
+    x, y, valid = _edge_probabilities(), torch.zeros(1, 3, 29, dtype=torch.int32), torch.ones(1, 3, 29, dtype=bool)
+    for n in (1, 2, 15):  # the classwise pass without AVX2
+        assert torch.equal(_fused._dense_rows_fused(x, False, y, valid, n, True)[3],
+                           _fused._dense_rows_torch(x, False, y, valid, n, True)[3])
 
 
 def test_kernels_are_built_once_into_the_cache(fused):

@@ -6,6 +6,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -174,19 +177,103 @@ void add_squares(const float* __restrict pc, int64_t W, float* __restrict sq) {
   for (int64_t w = 0; w < W; ++w) sq[w] += pc[w] * pc[w];
 }
 
-// Units and slots of one class row (invalid pixels: slot 1 and 0 units). Returns the units of slot 1 — the slot of
-// most probabilities (p <= 1/n) — summed in the vectorised loop, so only the other slots need the scatter.
-// Units and slots of one class row (invalid pixels: slot 1 and 0 units). Returns the units of slot 1 — the slot of
-// most probabilities (p <= 1/n) — summed in the vectorised loop, so only the other slots need the scatter.
-int64_t units_slots(const float* __restrict pc, const uint8_t* __restrict ok, int64_t W, float nf, int32_t n,
-                    int64_t* __restrict u, int32_t* __restrict s) {
-  int64_t first = 0;
-  for (int64_t w = 0; w < W; ++w) {
-    u[w] = ok[w] ? units(pc[w]) : 0;
-    s[w] = ok[w] ? slot(pc[w], nf, n) : 1;
-    first += s[w] == 1 ? u[w] : 0;
+// round(v * 2**32), half to even, for 0 <= v < 1/2 in float32 arithmetic: v * 2**32 is exact, below 2**23 adding
+// and subtracting 2**23 rounds it (above, it is an integer already), and the result fits an int32 — the same integer
+// as units(v), in a form that vectorises eight to a register.
+inline int32_t units_below_half(float v) {
+  const float r = v * 4294967296.0f;
+  return static_cast<int32_t>(r < 8388608.0f ? (r + 8388608.0f) - 8388608.0f : r);
+}
+
+// Whether a probability is summed in the vectorised pass of classwise_row: p * n <= 1 (slot 1, or slot 0 where
+// p = 0, which adds 0 units either way) and 0 <= p < 1/2 (so that units_below_half applies).
+inline int32_t is_low(float v, float nf) { return (v * nf <= 1.0f) & (v < 0.5f) & (v >= 0.0f); }
+
+#ifdef __AVX2__
+// For each 8-bit mask, the positions of its set bits packed to the left: a permutation that moves the flagged lanes
+// of a vector to its front.
+struct LeftPack {
+  alignas(32) int32_t idx[256][8];
+  LeftPack() {
+    for (int m = 0; m < 256; ++m) {
+      int k = 0;
+      for (int b = 0; b < 8; ++b)
+        if (m >> b & 1) idx[m][k++] = b;
+      while (k < 8) idx[m][k++] = 0;
+    }
   }
+};
+const LeftPack kLeftPack;
+
+// classwise_low() eight pixels at a time with AVX2: the flagged values are packed to the front of each vector
+// (a table permutation) and stored contiguously.
+int64_t classwise_low_avx2(const float* __restrict pc, const uint8_t* __restrict ok, int64_t W, float nf,
+                           float* __restrict vals, int64_t* n_high, int64_t* w_done) {
+  const __m256 vnf = _mm256_set1_ps(nf), one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
+  const __m256 zero = _mm256_setzero_ps(), scale = _mm256_set1_ps(4294967296.0f), magic = _mm256_set1_ps(8388608.0f);
+  __m256i acc_lo = _mm256_setzero_si256(), acc_hi = _mm256_setzero_si256();
+  int64_t n = 0, w = 0;
+  for (; w + 8 <= W; w += 8) {
+    const __m256 v = _mm256_loadu_ps(pc + w);
+    int64_t ok8;
+    std::memcpy(&ok8, ok + w, sizeof ok8);
+    const __m256 valid = _mm256_castsi256_ps(
+        _mm256_cmpgt_epi32(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(ok8)), _mm256_setzero_si256()));
+    const __m256 low = _mm256_and_ps(_mm256_and_ps(_mm256_cmp_ps(_mm256_mul_ps(v, vnf), one, _CMP_LE_OQ),
+                                                   _mm256_cmp_ps(v, half, _CMP_LT_OQ)),
+                                     _mm256_cmp_ps(v, zero, _CMP_GE_OQ));
+    const __m256 r = _mm256_mul_ps(v, scale);
+    const __m256 rounded = _mm256_blendv_ps(r, _mm256_sub_ps(_mm256_add_ps(r, magic), magic),
+                                            _mm256_cmp_ps(r, magic, _CMP_LT_OQ));
+    const __m256i u = _mm256_and_si256(_mm256_cvttps_epi32(rounded), _mm256_castps_si256(_mm256_and_ps(valid, low)));
+    acc_lo = _mm256_add_epi64(acc_lo, _mm256_cvtepu32_epi64(_mm256_castsi256_si128(u)));
+    acc_hi = _mm256_add_epi64(acc_hi, _mm256_cvtepu32_epi64(_mm256_extracti128_si256(u, 1)));
+    const int mask = _mm256_movemask_ps(_mm256_andnot_ps(low, valid));
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kLeftPack.idx[mask]));
+    _mm256_storeu_ps(vals + n, _mm256_permutevar8x32_ps(v, perm));
+    n += __builtin_popcount(mask);
+  }
+  alignas(32) int64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_add_epi64(acc_lo, acc_hi));
+  *n_high = n;
+  *w_done = w;
+  return lanes[0] + lanes[1] + lanes[2] + lanes[3];
+}
+#endif
+
+// Of one class row's valid probabilities, the units of the low ones (is_low) summed, and the others copied to vals
+// (n_high of them; vals holds W + 8).
+int64_t classwise_low(const float* __restrict pc, const uint8_t* __restrict ok, int64_t W, float nf,
+                      float* __restrict vals, int64_t* n_high) {
+  int64_t first = 0, n = 0, w = 0;
+#ifdef __AVX2__
+  first = classwise_low_avx2(pc, ok, W, nf, vals, &n, &w);
+#endif
+  for (; w < W; ++w) {
+    const float v = pc[w];
+    const int32_t valid = ok[w], low = is_low(v, nf);
+    first += units_below_half(v) & -(valid & low);
+    vals[n] = v;
+    n += valid & (low ^ 1);
+  }
+  *n_high = n;
   return first;
+}
+
+// One class row of the classwise histogram (n + 1 slots, kept four times: hc4 holds 4 (n + 1)); invalid pixels
+// count nowhere. Most probabilities are low and are summed into slot 1 in one vectorised pass; only the others get
+// a slot and a scatter, into the four interleaved copies so that consecutive additions to one slot do not chain
+// through memory.
+void classwise_row(const float* __restrict pc, const uint8_t* __restrict ok, int64_t W, float nf, int32_t n,
+                   int64_t* __restrict hc4, float* __restrict vals, int64_t* __restrict u, int32_t* __restrict s) {
+  const int64_t S = n + 1;
+  int64_t n_high = 0;
+  hc4[1] += classwise_low(pc, ok, W, nf, vals, &n_high);
+  for (int64_t j = 0; j < n_high; ++j) {
+    u[j] = units(vals[j]);
+    s[j] = slot(vals[j], nf, n);
+  }
+  for (int64_t j = 0; j < n_high; ++j) hc4[(j & 3) * S + s[j]] += u[j];
 }
 
 // per pixel, the float32 Brier score (sum_k p_k^2 - 2 p_y) + 1 (squares summed in class order), rounded to units
@@ -256,7 +343,8 @@ int32_t segcal_dense_rows(const float* x, int32_t logits, const int32_t* y, cons
     std::vector<int64_t> local(classwise ? C * 4 * S : 0, 0);
     std::vector<int64_t> u(W);
     std::vector<float> sq(W);
-    std::vector<int32_t> s(W), rest(W);
+    std::vector<int32_t> s(W);
+    std::vector<float> vals(W + 8);
     std::vector<float> prob(logits ? C * W : 0), m(W), z(W), dy(W), nll_px(W);
     int64_t b = 0;
     for (int64_t r = begin; r < end; ++r) {
@@ -280,19 +368,7 @@ int32_t segcal_dense_rows(const float* x, int32_t logits, const int32_t* y, cons
         const float* pc = p0 + c * stride;
         add_squares(pc, W, sq.data());
         if (classwise) {
-          int64_t* hc = local.data() + c * 4 * S;
-          hc[1] += units_slots(pc, ok, W, nf, n, u.data(), s.data());
-          // the rest: their positions first (branch-free), then the additions, into four interleaved histograms
-          // so that consecutive additions to one slot (runs are common) do not chain through memory
-          int64_t n_rest = 0;
-          for (int64_t w = 0; w < W; ++w) {
-            rest[n_rest] = static_cast<int32_t>(w);
-            n_rest += s[w] != 1;
-          }
-          for (int64_t j = 0; j < n_rest; ++j) {
-            const int32_t w = rest[j];
-            hc[(j & 3) * S + s[w]] += u[w];
-          }
+          classwise_row(pc, ok, W, nf, n, local.data() + c * 4 * S, vals.data(), u.data(), s.data());
         }
       }
       float* __restrict py = p_y + pix;
@@ -329,59 +405,65 @@ int32_t segcal_dense_rows(const float* x, int32_t logits, const int32_t* y, cons
 // Per-pixel histograms over a batch of P = n_img * hw pixels (valid ones only), accumulated (+=):
 // top (n_img, R, n + 1, 3): count, correct, units(conf) by image, region and slot(conf);
 // fine (res, 3): the same by fine_index(conf); pos (C, n + 1): count by label and slot(p_y) (if classwise);
-// confmat (C, C): count by (label, prediction).
-// Blocks of pixels: a vectorised pass computes every index (invalid pixels point at one extra, discarded cell),
-// then a plain scatter pass adds. Count and correct share one int64 (count << 32 | correct; an update has < 2**30
-// pixels), and the small histograms are kept four times (by pixel index mod 4) so that neighbouring pixels, which
-// mostly fall in the same cell, do not chain their additions through memory.
+// confmat (C, C): count by (label, prediction). Needs 4 (C^2 + 1) < 2**31 (the caller checks).
+// Blocks of pixels: a vectorised pass computes every index as an int32 offset (invalid pixels point at one extra,
+// discarded cell), then a plain scatter pass adds. Count and correct share one int64 (count << 32 | correct; an
+// update has < 2**30 pixels), and the small histograms are kept four times (by pixel index mod 4) so that
+// neighbouring pixels, which mostly fall in the same cell, do not chain their additions through memory.
 void segcal_pixel_hist(const float* conf, const int32_t* pred, const float* p_y, const int32_t* y,
                        const uint8_t* valid, const int32_t* region, int64_t n_img, int64_t hw, int64_t C, int32_t n,
                        int64_t R, int64_t res, int32_t classwise, int64_t* top, int64_t* fine, int64_t* pos,
                        int64_t* confmat, int32_t threads) {
-  const int64_t S = n + 1, T = R * S * 2 + 2, F = (res + 1) * 2, Q = C * S + 1, M = C * C + 1;
-  const int64_t lane = T + Q + M;  // one copy of one image's small histograms (+ a discard cell each)
+  // copies: T per image (4 each), then Q and M (4 each), then the fine histogram F; each with a discard cell
+  const int32_t S = n + 1, T = static_cast<int32_t>(R) * S * 2 + 2, Q = static_cast<int32_t>(C) * S + 1,
+                M = static_cast<int32_t>(C * C + 1), F = static_cast<int32_t>(res + 1) * 2;
+  const int64_t top_size = n_img * 4 * T, pos_at = top_size, conf_at = pos_at + 4 * Q, fine_at = conf_at + 4 * M;
   const float nf = static_cast<float>(n);
   constexpr int64_t kCount = int64_t{1} << 32;
   constexpr int64_t kBlock = 1024;
   std::vector<std::vector<int64_t>> parts(threads);
   parallel(n_img * hw, threads, 1 << 16, [&](int64_t begin, int64_t end, int t) {
-    std::vector<int64_t> acc(n_img * 4 * lane + F, 0);
-    int64_t* fp = acc.data() + n_img * 4 * lane;
-    const int64_t cT = T, cQ = Q, cM = M, cF = F, cS = S, cC = C, cLane = lane, cHw = hw;
-    const int32_t cn = n;
+    std::vector<int64_t> acc(fine_at + F, 0);
+    const int32_t cC = static_cast<int32_t>(C), cn = n;
     const float cnf = nf;
     const double cres = static_cast<double>(res - 1);
     const bool cw = classwise != 0;
-    int64_t ti[kBlock], fi[kBlock], qi[kBlock], mi[kBlock], pk[kBlock], uu[kBlock];
+    int32_t ti[kBlock], fi[kBlock], qi[kBlock], mi[kBlock];
+    int64_t pk[kBlock], uu[kBlock];
     for (int64_t k0 = begin; k0 < end;) {
-      const int64_t img = k0 / cHw, stop = std::min({end, (img + 1) * cHw, k0 + kBlock}), len = stop - k0;
+      const int64_t img = k0 / hw, stop = std::min({end, (img + 1) * hw, k0 + kBlock}), len = stop - k0;
       const float* __restrict cf = conf + k0;
       const float* __restrict py = p_y + k0;
       const int32_t* __restrict pr = pred + k0;
       const int32_t* __restrict lb = y + k0;
       const uint8_t* __restrict ok = valid + k0;
-      const int64_t base = 4 * img * cLane;
-      for (int64_t j = 0; j < len; ++j) {
-        const int64_t lane_j = base + ((k0 + j) & 3) * cLane;
-        const bool v = ok[j] != 0;
-        ti[j] = lane_j + (v ? slot(cf[j], cnf, cn) * 2 : cT - 2);
-        fi[j] = v ? fine_index(cf[j], cres) * 2 : cF - 2;
-        qi[j] = lane_j + cT + (v && cw ? lb[j] * cS + slot(py[j], cnf, cn) : cQ - 1);
-        mi[j] = lane_j + cT + cQ + (v ? lb[j] * cC + pr[j] : cM - 1);
-        pk[j] = kCount | (pr[j] == lb[j]);
+      const int32_t phase = static_cast<int32_t>(k0 & 3);
+      // one loop per output: a single loop over all of them runs out of vector registers
+      for (int32_t j = 0; j < len; ++j) {
+        ti[j] = ((phase + j) & 3) * T + (ok[j] ? slot(cf[j], cnf, cn) * 2 : T - 2);
         uu[j] = units(cf[j]);
       }
-      if (region) {
-        for (int64_t j = 0; j < len; ++j) ti[j] += ok[j] ? region[k0 + j] * cS * 2 : 0;
+      for (int32_t j = 0; j < len; ++j) fi[j] = ok[j] ? fine_index(cf[j], cres) * 2 : F - 2;
+      for (int32_t j = 0; j < len; ++j) {
+        const int32_t copy = (phase + j) & 3;
+        qi[j] = copy * Q + (ok[j] && cw ? lb[j] * S + slot(py[j], cnf, cn) : Q - 1);
+        mi[j] = copy * M + (ok[j] ? lb[j] * cC + pr[j] : M - 1);
+        pk[j] = kCount | (pr[j] == lb[j]);
       }
-      int64_t* a = acc.data();
-      for (int64_t j = 0; j < len; ++j) {
-        a[ti[j]] += pk[j];
-        a[ti[j] + 1] += uu[j];
-        fp[fi[j]] += pk[j];
-        fp[fi[j] + 1] += uu[j];
-        a[qi[j]] += 1;
-        a[mi[j]] += 1;
+      if (region) {
+        for (int32_t j = 0; j < len; ++j) ti[j] += ok[j] ? region[k0 + j] * S * 2 : 0;
+      }
+      int64_t* __restrict at = acc.data() + img * 4 * T;
+      int64_t* __restrict ap = acc.data() + pos_at;
+      int64_t* __restrict am = acc.data() + conf_at;
+      int64_t* __restrict af = acc.data() + fine_at;
+      for (int32_t j = 0; j < len; ++j) {
+        at[ti[j]] += pk[j];
+        at[ti[j] + 1] += uu[j];
+        af[fi[j]] += pk[j];
+        af[fi[j] + 1] += uu[j];
+        ap[qi[j]] += 1;
+        am[mi[j]] += 1;
       }
       k0 = stop;
     }
@@ -391,19 +473,21 @@ void segcal_pixel_hist(const float* conf, const int32_t* pred, const float* p_y,
     const std::vector<int64_t>& a = parts[t];
     if (a.empty()) continue;
     for (int64_t img = 0; img < n_img; ++img) {
+      int64_t* out = top + img * R * S * 3;
       for (int64_t q = 0; q < 4; ++q) {
-        const int64_t* tp = a.data() + (4 * img + q) * lane;
-        int64_t* out = top + img * R * S * 3;
+        const int64_t* tp = a.data() + (4 * img + q) * T;
         for (int64_t k = 0; k < R * S; ++k) {
           out[3 * k] += tp[2 * k] >> 32;
           out[3 * k + 1] += tp[2 * k] & 0xFFFFFFFF;
           out[3 * k + 2] += tp[2 * k + 1];
         }
-        for (int64_t k = 0; k < C * S; ++k) pos[k] += tp[T + k];
-        for (int64_t k = 0; k < C * C; ++k) confmat[k] += tp[T + Q + k];
       }
     }
-    const int64_t* fp = a.data() + n_img * 4 * lane;
+    for (int64_t q = 0; q < 4; ++q) {
+      for (int64_t k = 0; k < C * S; ++k) pos[k] += a[pos_at + q * Q + k];
+      for (int64_t k = 0; k < C * C; ++k) confmat[k] += a[conf_at + q * M + k];
+    }
+    const int64_t* fp = a.data() + fine_at;
     for (int64_t k = 0; k < res; ++k) {
       fine[3 * k] += fp[2 * k] >> 32;
       fine[3 * k + 1] += fp[2 * k] & 0xFFFFFFFF;

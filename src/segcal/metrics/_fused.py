@@ -317,7 +317,7 @@ def pixel_hist(conf: Tensor, pred: Tensor, p_y: Tensor, y: Tensor, valid: Tensor
     ``ace_fine_index(conf)``; ``pos`` (C, n + 1) counts pixels by label and ``slot_index(p_y, n)`` (zeros if not
     ``classwise``); ``confmat`` (C, C) by label and prediction.
     """
-    if fused_applies(conf):
+    if fused_applies(conf) and 4 * (num_classes**2 + 1) < 2**31:  # the kernel's offsets are int32
         return _pixel_hist_fused(conf, pred, p_y, y, valid, region, n, n_regions, num_classes, resolution, classwise)
     return _pixel_hist_torch(conf, pred, p_y, y, valid, region, n, n_regions, num_classes, resolution, classwise)
 
