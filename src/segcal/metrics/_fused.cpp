@@ -34,6 +34,9 @@ inline int64_t round_small(double v) {
 
 inline int64_t units(float v) { return round_small(static_cast<double>(v) * kUnit); }  // 0 <= v <= 1
 
+// flag (0 or 1) ? a : b, by bit masks
+inline int32_t select(int32_t flag, int32_t a, int32_t b) { return b ^ ((a ^ b) & -flag); }
+
 inline int32_t slot(float v, float nf, int32_t n) {
   const int32_t s = static_cast<int32_t>(std::ceil(v * nf));
   return s < 0 ? 0 : (s > n ? n : s);
@@ -138,11 +141,13 @@ bool softmax_row(const float* __restrict x, int64_t stride, int64_t C, int64_t W
   }
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t w = 0; w < W; ++w) {
-      const float v = x[c * stride + w];
+      const float v = x[c * stride + w], mw = m[w];
+      const int32_t aw = arg[w];
       bad |= (v - v) != 0.0f;  // NaN for NaN and +-inf
-      const bool gt = v > m[w];
-      m[w] = gt ? v : m[w];
-      arg[w] = gt ? static_cast<int32_t>(c) : arg[w];
+      const int32_t gt = -static_cast<int32_t>(v > mw);
+      // select by bit masks: GCC turns `m[w] = gt ? v : m[w]` into a masked store, which is slow on AMD CPUs
+      m[w] = v > mw ? v : mw;
+      arg[w] = aw ^ ((aw ^ static_cast<int32_t>(c)) & gt);
     }
   }
   for (int64_t c = 0; c < C; ++c) {
@@ -166,9 +171,11 @@ void max_argmax(const float* __restrict p, int64_t stride, int64_t C, int64_t W,
   for (int64_t c = 1; c < C; ++c) {
     const float* __restrict pc = p + c * stride;
     for (int64_t w = 0; w < W; ++w) {
-      const bool gt = pc[w] > top[w];
-      top[w] = gt ? pc[w] : top[w];
-      arg[w] = gt ? static_cast<int32_t>(c) : arg[w];
+      const float v = pc[w], tw = top[w];
+      const int32_t aw = arg[w];
+      const int32_t gt = -static_cast<int32_t>(v > tw);
+      top[w] = v > tw ? v : tw;
+      arg[w] = aw ^ ((aw ^ static_cast<int32_t>(c)) & gt);
     }
   }
 }
@@ -427,7 +434,7 @@ void segcal_pixel_hist(const float* conf, const int32_t* pred, const float* p_y,
     const int32_t cC = static_cast<int32_t>(C), cn = n;
     const float cnf = nf;
     const double cres = static_cast<double>(res - 1);
-    const bool cw = classwise != 0;
+    const int32_t cw = classwise != 0;
     int32_t ti[kBlock], fi[kBlock], qi[kBlock], mi[kBlock];
     int64_t pk[kBlock], uu[kBlock];
     for (int64_t k0 = begin; k0 < end;) {
@@ -439,19 +446,20 @@ void segcal_pixel_hist(const float* conf, const int32_t* pred, const float* p_y,
       const uint8_t* __restrict ok = valid + k0;
       const int32_t phase = static_cast<int32_t>(k0 & 3);
       // one loop per output: a single loop over all of them runs out of vector registers
+      // (select() rather than `ok ? a : b`: GCC would load a's inputs with masked loads)
       for (int32_t j = 0; j < len; ++j) {
-        ti[j] = ((phase + j) & 3) * T + (ok[j] ? slot(cf[j], cnf, cn) * 2 : T - 2);
+        ti[j] = ((phase + j) & 3) * T + select(ok[j], slot(cf[j], cnf, cn) * 2, T - 2);
         uu[j] = units(cf[j]);
       }
-      for (int32_t j = 0; j < len; ++j) fi[j] = ok[j] ? fine_index(cf[j], cres) * 2 : F - 2;
+      for (int32_t j = 0; j < len; ++j) fi[j] = select(ok[j], fine_index(cf[j], cres) * 2, F - 2);
       for (int32_t j = 0; j < len; ++j) {
         const int32_t copy = (phase + j) & 3;
-        qi[j] = copy * Q + (ok[j] && cw ? lb[j] * S + slot(py[j], cnf, cn) : Q - 1);
-        mi[j] = copy * M + (ok[j] ? lb[j] * cC + pr[j] : M - 1);
+        qi[j] = copy * Q + select(ok[j] & cw, lb[j] * S + slot(py[j], cnf, cn), Q - 1);
+        mi[j] = copy * M + select(ok[j], lb[j] * cC + pr[j], M - 1);
         pk[j] = kCount | (pr[j] == lb[j]);
       }
       if (region) {
-        for (int32_t j = 0; j < len; ++j) ti[j] += ok[j] ? region[k0 + j] * S * 2 : 0;
+        for (int32_t j = 0; j < len; ++j) ti[j] += select(ok[j], region[k0 + j] * S * 2, 0);
       }
       int64_t* __restrict at = acc.data() + img * 4 * T;
       int64_t* __restrict ap = acc.data() + pos_at;
