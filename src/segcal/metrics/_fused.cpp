@@ -314,15 +314,26 @@ int32_t segcal_labels(const int64_t* target, int64_t P, int64_t C, int32_t has_i
                       const uint8_t* exclude, int32_t* y, uint8_t* valid, int32_t threads) {
   std::vector<int32_t> status(threads, 0);
   parallel(P, threads, 1 << 16, [&](int64_t begin, int64_t end, int t) {
-    int32_t bad = 0;
+    // branch-free, so that it vectorises; excluded classes (rare) are cleared in a second, scalar pass
+    int64_t bad = 0;
+    const int64_t ign = has_ignore ? ignore : -1;  // -1 is never in range: treated as any other bad label
+    const int64_t checked = has_ignore ? 1 : 0, n_classes = C;
+    const int64_t* __restrict lab_in = target;
+    uint8_t* __restrict ok_out = valid;
+    int32_t* __restrict y_out = y;
     for (int64_t k = begin; k < end; ++k) {
-      const int64_t lab = target[k];
-      const bool in_range = lab >= 0 && lab < C;
-      bool ok = !(has_ignore && lab == ignore);
-      bad |= ok && !in_range;
-      ok = ok && in_range && !(exclude && exclude[in_range ? lab : 0]);
-      valid[k] = ok;
-      y[k] = ok ? static_cast<int32_t>(lab) : 0;
+      const int64_t lab = lab_in[k];
+      const int64_t in_range = (lab >= 0) & (lab < n_classes), kept = (lab != ign) | (checked ^ 1);
+      bad |= kept & (in_range ^ 1);
+      ok_out[k] = static_cast<uint8_t>(kept & in_range);
+      y_out[k] = static_cast<int32_t>(lab & -(kept & in_range));
+    }
+    if (exclude) {
+      for (int64_t k = begin; k < end; ++k) {
+        const bool drop = valid[k] && exclude[y[k]];
+        valid[k] = drop ? 0 : valid[k];
+        y[k] = drop ? 0 : y[k];
+      }
     }
     status[t] = bad ? 2 : 0;
   });
