@@ -131,21 +131,26 @@ inline float log_positive(float v) {
 // m = max, e_k = exp(x_k - m), s = e_0 + e_1 + ... (in class order), p_k = e_k / s.
 // m (max) and s (sum) are kept for the NLL, log s - (x_y - m). Returns whether a value was NaN or infinite.
 // arg: the first argmax of the logits (the model's prediction), found in the max pass; p[arg] = 1 / s = max_k p_k.
-bool softmax_row(const float* __restrict x, int64_t stride, int64_t C, int64_t W, float* __restrict p,
-                 float* __restrict m, float* __restrict s, int32_t* __restrict arg) {
+// With the labels lab (in [0, C)): py = p_y and dy = x_y - m, picked up in the passes (no gather).
+bool softmax_row(const float* __restrict x, int64_t stride, int64_t C, int64_t W, const int32_t* __restrict lab,
+                 float* __restrict p, float* __restrict m, float* __restrict s, int32_t* __restrict arg,
+                 float* __restrict py, float* __restrict dy) {
   int32_t bad = 0;
   for (int64_t w = 0; w < W; ++w) {
     m[w] = x[w];
     s[w] = 0.0f;
     arg[w] = 0;
+    py[w] = 0.0f;
+    dy[w] = 0.0f;
   }
+  // every select below is an unconditional store of a blend: GCC turns `a[w] = cond ? v : a[w]` into a masked
+  // store, which AMD CPUs microcode
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t w = 0; w < W; ++w) {
       const float v = x[c * stride + w], mw = m[w];
       const int32_t aw = arg[w];
       bad |= (v - v) != 0.0f;  // NaN for NaN and +-inf
       const int32_t gt = -static_cast<int32_t>(v > mw);
-      // select by bit masks: GCC turns `m[w] = gt ? v : m[w]` into a masked store, which is slow on AMD CPUs
       m[w] = v > mw ? v : mw;
       arg[w] = aw ^ ((aw ^ static_cast<int32_t>(c)) & gt);
     }
@@ -153,12 +158,19 @@ bool softmax_row(const float* __restrict x, int64_t stride, int64_t C, int64_t W
   for (int64_t c = 0; c < C; ++c) {
     float* __restrict pc = p + c * W;
     for (int64_t w = 0; w < W; ++w) {
-      pc[w] = exp_nonpositive(x[c * stride + w] - m[w]);
+      const float d = x[c * stride + w] - m[w];
+      pc[w] = exp_nonpositive(d);
       s[w] += pc[w];
+      dy[w] += lab[w] == static_cast<int32_t>(c) ? d : 0.0f;  // + 0 elsewhere: exact
     }
   }
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t w = 0; w < W; ++w) p[c * W + w] /= s[w];
+  for (int64_t c = 0; c < C; ++c) {
+    float* __restrict pc = p + c * W;
+    for (int64_t w = 0; w < W; ++w) {
+      pc[w] /= s[w];
+      py[w] += lab[w] == static_cast<int32_t>(c) ? pc[w] : 0.0f;
+    }
+  }
   return bad != 0;
 }
 
@@ -361,8 +373,9 @@ int32_t segcal_dense_rows(const float* x, int32_t logits, const int32_t* y, cons
     std::vector<int64_t> local(classwise ? C * 4 * S : 0, 0);
     std::vector<int64_t> u(W);
     std::vector<float> sq(W);
-    std::vector<int32_t> s(W);
+    std::vector<int32_t> s(W), lab(W);
     std::vector<float> vals(W + 8);
+    const int32_t n_classes = static_cast<int32_t>(C);
     std::vector<float> prob(logits ? C * W : 0), m(W), z(W), dy(W), nll_px(W);
     int64_t b = 0;
     for (int64_t r = begin; r < end; ++r) {
@@ -373,8 +386,17 @@ int32_t segcal_dense_rows(const float* x, int32_t logits, const int32_t* y, cons
       const float* x0 = x + (i * C * H + h) * W;
       const float* p0 = x0;
       int64_t stride = H * W;  // between the classes of p0
+      int32_t out_of_range = 0;  // possible only with validate_args=False: then read class 0, and fail
+      for (int64_t w = 0; w < W; ++w) {
+        const int32_t l = y[pix + w], in_range = (l >= 0) & (l < n_classes);
+        out_of_range |= in_range ^ 1;
+        lab[w] = l & -in_range;
+      }
+      if (out_of_range) status[t] |= 2;
+      float* __restrict py = p_y + pix;
       if (logits) {
-        if (softmax_row(x0, stride, C, W, prob.data(), m.data(), z.data(), arg)) status[t] |= 1;
+        if (softmax_row(x0, stride, C, W, lab.data(), prob.data(), m.data(), z.data(), arg, py, dy.data()))
+          status[t] |= 1;
         p0 = prob.data();
         stride = W;
         for (int64_t w = 0; w < W; ++w) cmax[w] = 1.0f / z[w];
@@ -389,15 +411,8 @@ int32_t segcal_dense_rows(const float* x, int32_t logits, const int32_t* y, cons
           classwise_row(pc, ok, W, nf, n, local.data() + c * 4 * S, vals.data(), u.data(), s.data());
         }
       }
-      float* __restrict py = p_y + pix;
-      for (int64_t w = 0; w < W; ++w) {
-        int32_t lab = y[pix + w];
-        if (lab < 0 || lab >= C) {  // only reachable with validate_args=False
-          status[t] |= 2;
-          lab = 0;
-        }
-        py[w] = p0[lab * stride + w];
-        dy[w] = logits ? x0[lab * H * W + w] - m[w] : 0.0f;
+      if (!logits) {
+        for (int64_t w = 0; w < W; ++w) py[w] = p0[lab[w] * stride + w];
       }
       b += brier_terms(py, sq.data(), ok, W);
       nll_terms(logits != 0, z.data(), dy.data(), py, W, nll_px.data());
