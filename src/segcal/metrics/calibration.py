@@ -99,8 +99,14 @@ def _state_shapes(cfg: _CalibrationConfig) -> dict[str, tuple[int, ...]]:
 _FIXED_STATES = ("bin_conf", "fine_conf", "cw_conf", "nll_sum", "brier_sum", "image_ece_sum")
 
 
-def _zero_states(cfg: _CalibrationConfig, device: torch.device | None = None) -> dict[str, Tensor]:
-    return {k: torch.zeros(s, dtype=torch.int64, device=device) for k, s in _state_shapes(cfg).items()}
+# the states that _update_calibration accumulates (the others it sets once)
+_ADDED_STATES = ("bin_count", "bin_correct", "bin_conf", "image_ece_sum", "image_count")
+
+
+def _zero_states(cfg: _CalibrationConfig, device: torch.device | None = None,
+                 names: tuple[str, ...] | None = None) -> dict[str, Tensor]:
+    return {k: torch.zeros(s, dtype=torch.int64, device=device) for k, s in _state_shapes(cfg).items()
+            if names is None or k in names}
 
 
 def _format_calibration(preds: object, target: object, cfg: _CalibrationConfig) -> tuple[Tensor, Tensor]:
@@ -210,7 +216,7 @@ def _update_calibration(preds: Tensor, target: Tensor, cfg: _CalibrationConfig) 
     if n_img > step:  # split so that every integer sum fits int64
         parts = [_update_calibration(preds[k:k + step], target[k:k + step], cfg) for k in range(0, n_img, step)]
         return {key: sum(part[key] for part in parts) for key in parts[0]}
-    out = _zero_states(cfg, preds.device)
+    out = _zero_states(cfg, preds.device, _ADDED_STATES)
     y, valid = _labels(preds, target, cfg)
     conf, pred, p_y, cw, brier, nll_rows = _dense_pass(preds, y, valid, cfg)
     region = None
@@ -220,16 +226,18 @@ def _update_calibration(preds: Tensor, target: Tensor, cfg: _CalibrationConfig) 
         conf, pred, p_y, y, valid, region, cfg.n_bins, cfg.n_regions, cfg.num_classes, cfg.ace_resolution,
         cfg.classwise)
     _add_top_label(top, top_sum, out)
-    out["fine_count"] += fine[:, 0]
-    out["fine_correct"] += fine[:, 1]
-    out["fine_conf"] += units_to_fixed2(fine_sum)
+    # the large fine histograms are taken as they are (views): zeroing and adding them is most of this step's cost
+    out["fine_count"], out["fine_correct"] = fine[:, 0], fine[:, 1]
+    out["fine_conf"] = units_to_fixed2(fine_sum)
     if cfg.classwise:
-        out["cw_pos"] += merge_slots(pos)
-        out["cw_conf"] += units_to_fixed2(merge_slots(cw))
-    out["brier_sum"] += units_to_fixed2(brier)
+        out["cw_pos"] = merge_slots(pos)
+        out["cw_conf"] = units_to_fixed2(merge_slots(cw))
+    else:
+        out.update(_zero_states(cfg, preds.device, ("cw_pos", "cw_conf")))
+    out["brier_sum"] = units_to_fixed2(brier)
     # the row sums in row order (cumsum adds in element order): the same on every path and for any thread count
-    out["nll_sum"] += to_fixed2(nll_rows.flatten().cumsum(0)[-1])
-    out["confmat"] += confmat
+    out["nll_sum"] = to_fixed2(nll_rows.flatten().cumsum(0)[-1])
+    out["confmat"] = confmat
     return out
 
 
