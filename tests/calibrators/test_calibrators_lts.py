@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -87,3 +89,58 @@ def test_budget_fit_is_seeded_learns_and_validates_arguments():
     for bad in ({"crop_size": 0}, {"crop_size": (4,)}, {"crops_per_image": 0}):
         with pytest.raises(ValueError, match="crop"):
             LocalTemperatureScaling(**bad).fit(z, y, images=img)
+
+
+def _counting_source(z, y, img, batch):
+    passes = []
+
+    def gen():
+        passes.append(1)
+        for i in range(0, z.shape[0], batch):
+            yield {"logits": z[i:i + batch], "target": y[i:i + batch], "images": img[i:i + batch]}
+
+    return gen, passes
+
+
+def test_budget_reads_the_data_once_whatever_the_epochs_and_caps_the_pool():
+    g = torch.Generator().manual_seed(3)
+    z, img = torch.randn(5, 3, 24, 20, generator=g) * 3, torch.rand(5, 3, 24, 20, generator=g)
+    y = torch.randint(0, 3, (5, 24, 20), generator=g)
+    reads = {}
+    for epochs in (1, 4):
+        source, passes = _counting_source(z, y, img, 2)
+        lts = LocalTemperatureScaling(epochs=epochs, lr=1e-2, crop_size=8, crops_per_image=3, max_crops=7,
+                                      batch_crops=3).fit(source)
+        reads[epochs] = len(passes)
+        assert lts.n_crops_ == 7 and len(lts.history_) == epochs
+    assert reads[1] == reads[4]  # the TS warm start's passes + one pass for the windows
+    source, _ = _counting_source(z, y, img, 2)
+    assert LocalTemperatureScaling(epochs=1, crop_size=8, crops_per_image=3).fit(source).n_crops_ == 15
+    window_mb = (4 * 6 * 16**2 + 8 * 8**2) / 2**20  # 3 classes + 3 image channels, 8 + 2 PAD = 16 on a side
+    capped = LocalTemperatureScaling(epochs=1, crop_size=8, crops_per_image=3, max_pool_mb=4.5 * window_mb)
+    assert capped.fit(source).n_crops_ == 4
+    whole_source, passes = _counting_source(z, y, img, 2)
+    LocalTemperatureScaling(epochs=3, crop_size=None).fit(whole_source)
+    assert len(passes) == reads[1] - 1 + 3  # whole images: one pass per epoch
+
+
+def test_budget_windows_of_different_image_sizes_train_in_separate_steps():
+    g = torch.Generator().manual_seed(4)
+    batches = [{"logits": torch.randn(2, 3, h, w, generator=g) * 3,
+                "target": torch.randint(0, 3, (2, h, w), generator=g),
+                "images": torch.rand(2, 3, h, w, generator=g)} for h, w in ((12, 10), (30, 40))]
+    lts = LocalTemperatureScaling(epochs=2, lr=1e-2, crop_size=16, crops_per_image=2).fit(batches)
+    assert lts.n_crops_ == 8 and all(math.isfinite(v) for v in lts.history_)
+
+
+def test_budget_fit_does_not_depend_on_the_batching():
+    g = torch.Generator().manual_seed(6)
+    z, img = torch.randn(6, 3, 20, 20, generator=g) * 3, torch.rand(6, 3, 20, 20, generator=g)
+    y = torch.randint(0, 3, (6, 20, 20), generator=g)
+    fits = []
+    for batch in (1, 4):
+        source, _ = _counting_source(z, y, img, batch)
+        fits.append(LocalTemperatureScaling(epochs=2, lr=1e-2, crop_size=8, crops_per_image=2, max_crops=5)
+                    .fit(source).net_state_)
+    for k in fits[0]:
+        torch.testing.assert_close(fits[0][k], fits[1][k], rtol=1e-6, atol=1e-7)

@@ -81,27 +81,40 @@ class LocalTemperatureScaling(Calibrator):
         z'_i = z_i / T_i, \qquad T = \mathrm{LTSNet}(z, \text{image}), \qquad
         \min \; \mathrm{mean}_{i \in V} -\log\operatorname{softmax}(z_i / T_i)_{y_i}
 
-    Architecture as the official code (:class:`LTSNet`), trained by pixel NLL with Adam over the batches of the fit
-    data for ``epochs`` passes (one Adam step per batch, so the result depends on the batching). **Pixel budget**: with
-    ``crop_size`` set (default 64), each step trains on ``crops_per_image`` seeded random ``crop_size²`` windows per
-    image instead of the whole image; each window is cut from the reflect-padded full image with the network's 4-pixel
-    context, so its temperatures equal the full-image network's there (exact, not an approximation of the map) — only
-    the pixels that carry loss are sampled. ``crop_size=None`` trains on whole images. The start is the
-    global temperature-scaling solution (``init_temperature="ts"``) or a given float. Positive per-pixel temperatures
-    keep the argmax. Ignore pixels carry no loss, but their *logits* are spatial context for neighbouring valid
-    pixels — exactly as at test time, where labels are unknown — so LTS is the one calibrator whose fit can depend on
-    logits at ignore pixels. Images are required when ``use_image=True`` (in fit and transform); uint8 images are
-    scaled to [0, 1].
+    Architecture as the official code (:class:`LTSNet`), trained by pixel NLL with Adam. The start is the global
+    temperature-scaling solution (``init_temperature="ts"``) or a given float. Positive per-pixel temperatures keep
+    the argmax.
+
+    **Budget** (``crop_size`` set, default 64): the fit reads the data **once**. It cuts ``crops_per_image`` seeded
+    random ``crop_size²`` windows from every image and keeps at most ``max_crops`` of them, and no more than
+    ``max_pool_mb`` of memory (a seeded uniform reservoir sample over the whole data set). Each window is cut from
+    the reflect-padded full image with the network's 4-pixel context, so its temperatures equal the full-image
+    network's there (exact, not an approximation of the map) — only the pixels that carry loss are sampled. Training
+    is then ``epochs`` shuffled passes over this pool, one Adam step per ``batch_crops`` windows, so the cost is
+    bounded by ``epochs · max_crops`` windows whatever the size of the data set. A window takes
+    ``4 (C + 3) (crop_size + 8)² + 8 crop_size²`` bytes (C = 11 at the defaults: 0.31 MB, so 512 windows take
+    160 MB; with 150 classes the 256 MB cap keeps 80 of them). The pool and its seeds do not
+    depend on how the data is batched. ``crop_size=None`` trains on whole images instead: one Adam step per batch of
+    the fit data, ``epochs`` passes over it (the official scheme, whose runs train for longer — raise ``epochs``).
+    There the result depends on the batching, and every epoch reads the data again.
+
+    Ignore pixels carry no loss, but their *logits* are spatial context for neighbouring valid pixels — exactly as at
+    test time, where labels are unknown — so LTS is the one calibrator whose fit can depend on logits at ignore
+    pixels. Images are required when ``use_image=True`` (in fit and transform); uint8 images are scaled to [0, 1].
 
     Args:
         ignore_index: label excluded from the loss.
         use_image: use the image branch.
         init_temperature: ``"ts"`` or a float start temperature.
-        epochs: passes over the fit data. lr: Adam learning rate (official: 1e-4).
+        epochs: passes over the window pool (over the fit data with ``crop_size=None``).
+        lr: Adam learning rate (official: 1e-4).
         t_min: floor of the temperature map.
-        seed: seeds the TS warm start and the crop positions (a generator seeded with ``(seed, epoch)``).
+        seed: seeds the TS warm start, the windows and the order of the passes.
         crop_size: side (int) or ``(h, w)`` of the training windows; None = whole images.
-        crops_per_image: windows per image per epoch.
+        crops_per_image: windows cut from each image.
+        max_crops: the most windows kept (reservoir sample over all images).
+        batch_crops: windows per Adam step.
+        max_pool_mb: the most memory the kept windows may take (fewer windows are kept for many classes).
 
     Shape:
         logits ``(N, C, H, W)``, target ``(N, H, W)``, images ``(N, 3, H, W)``; ``transform`` → ``(N, C, H, W)``;
@@ -109,7 +122,7 @@ class LocalTemperatureScaling(Calibrator):
 
     Attributes:
         net_state_ (dict): LTSNet weights. init_temperature_ (float). image_channels_ (int | None).
-        history_ (list[float]): mean training NLL per epoch.
+        history_ (list[float]): mean training NLL per epoch. n_crops_ (int | None): windows in the pool.
 
     References:
         Ding, Liu, Xiong, Shi, "Local Temperature Scaling for Probability Calibration", ICCV 2021, arXiv:2008.05105.
@@ -124,11 +137,12 @@ class LocalTemperatureScaling(Calibrator):
 
     needs_images = True
     name = "lts"
-    _learned = ("net_state_", "init_temperature_", "image_channels_", "history_")
+    _learned = ("net_state_", "init_temperature_", "image_channels_", "history_", "n_crops_")
 
     def __init__(self, ignore_index: int | None = 255, *, use_image: bool = True,
-                 init_temperature: str | float = "ts", epochs: int = 10, lr: float = 1e-4, t_min: float = 0.05,
-                 seed: int = 0, crop_size: int | tuple[int, int] | None = 64, crops_per_image: int = 2) -> None:
+                 init_temperature: str | float = "ts", epochs: int = 2, lr: float = 1e-4, t_min: float = 0.05,
+                 seed: int = 0, crop_size: int | tuple[int, int] | None = 64, crops_per_image: int = 4,
+                 max_crops: int = 512, batch_crops: int = 8, max_pool_mb: float = 256.0) -> None:
         self.ignore_index = ignore_index
         self.use_image = use_image
         self.init_temperature = init_temperature
@@ -138,6 +152,9 @@ class LocalTemperatureScaling(Calibrator):
         self.seed = seed
         self.crop_size = crop_size
         self.crops_per_image = crops_per_image
+        self.max_crops = max_crops
+        self.batch_crops = batch_crops
+        self.max_pool_mb = max_pool_mb
 
     def _crop(self) -> tuple[int, int] | None:
         cs = self.crop_size
@@ -146,9 +163,13 @@ class LocalTemperatureScaling(Calibrator):
         cs = (cs, cs) if isinstance(cs, int) and not isinstance(cs, bool) else tuple(cs)  # type: ignore[arg-type]
         if len(cs) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in cs):
             raise ValueError(f"`crop_size` must be a positive int, (h, w) or None, got {self.crop_size!r}")
-        if isinstance(self.crops_per_image, bool) or not isinstance(self.crops_per_image, int) \
-                or self.crops_per_image < 1:
-            raise ValueError(f"`crops_per_image` must be a positive int, got {self.crops_per_image!r}")
+        for name in ("crops_per_image", "max_crops", "batch_crops"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"`{name}` must be a positive int (a crop budget), got {v!r}")
+        if isinstance(self.max_pool_mb, bool) or not isinstance(self.max_pool_mb, (int, float)) \
+                or not self.max_pool_mb > 0:
+            raise ValueError(f"`max_pool_mb` must be a positive number (a crop budget), got {self.max_pool_mb!r}")
         return int(cs[0]), int(cs[1])
 
     def _fit(self, source: BatchSource) -> None:
@@ -171,40 +192,89 @@ class LocalTemperatureScaling(Calibrator):
             k = first.images.shape[1]
         net = LTSNet(first.logits.shape[1], k, t0, self.t_min)
         opt = torch.optim.Adam(net.parameters(), lr=self.lr)
-        hist: list[float] = []
         with torch.enable_grad():
-            for epoch in range(self.epochs):
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                total, count = 0.0, 0
-                for b in source:
-                    z, target = b.logits.float(), b.target
-                    images = b.images if self.use_image else None
-                    if crop is not None:
-                        z, target, images = self._windows(net, z, target, images, crop, g)
-                    valid = target != self.ignore_index if self.ignore_index is not None else None
-                    n_valid = int(valid.sum()) if valid is not None else target.numel()
-                    if n_valid == 0:
-                        continue
-                    if crop is not None:
-                        t = net(z, images, padded=True)
-                        z = z[..., PAD:-PAD, PAD:-PAD]
-                    else:
-                        t = net(z, images)
-                    ce = nn.functional.cross_entropy(z / t, target.long().masked_fill(~valid, 0)
-                                                     if valid is not None else target.long(), reduction="none")
-                    if valid is not None:
-                        ce = torch.where(valid, ce, 0.0)
-                    loss = ce.sum() / n_valid
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    total += float(loss.detach()) * n_valid
-                    count += n_valid
-                hist.append(total / max(count, 1))
+            if crop is None:
+                hist = self._train_on_images(net, opt, source)
+                self.n_crops_ = None
+            else:
+                pool = self._pool(net, source, crop)
+                hist = self._train_on_pool(net, opt, pool)
+                self.n_crops_ = len(pool)
         self.net_state_ = {k_: v.detach().clone() for k_, v in net.state_dict().items()}
         self.init_temperature_ = t0
         self.image_channels_ = k
         self.history_ = hist
+
+    def _step(self, net: LTSNet, opt: torch.optim.Optimizer, z: Tensor, target: Tensor, images: Tensor | None,
+              padded: bool) -> tuple[float, int]:
+        """One Adam step on the mean NLL of the valid pixels; returns (summed NLL, valid pixels)."""
+        valid = target != self.ignore_index if self.ignore_index is not None else torch.ones_like(target, dtype=bool)
+        n_valid = int(valid.sum())
+        if n_valid == 0:
+            return 0.0, 0
+        t = net(z, images, padded=padded)
+        if padded:
+            z = z[..., PAD:-PAD, PAD:-PAD]
+        ce = F.cross_entropy(z / t, target.long().masked_fill(~valid, 0), reduction="none")
+        loss = torch.where(valid, ce, 0.0).sum() / n_valid
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return float(loss.detach()) * n_valid, n_valid
+
+    def _train_on_images(self, net: LTSNet, opt: torch.optim.Optimizer, source: BatchSource) -> list[float]:
+        hist = []
+        for _ in range(self.epochs):
+            total, count = 0.0, 0
+            for b in source:
+                images = b.images if self.use_image else None
+                loss, n = self._step(net, opt, b.logits.float(), b.target, images, padded=False)
+                total, count = total + loss, count + n
+            hist.append(total / max(count, 1))
+        return hist
+
+    def _pool(self, net: LTSNet, source: BatchSource, crop: tuple[int, int]) -> list[tuple[Tensor, ...]]:
+        """One pass over the data: ``crops_per_image`` windows per image, a seeded uniform reservoir sample of as many
+        as ``max_crops`` and ``max_pool_mb`` allow; each (padded logits, target, padded image or None)."""
+        # two streams, so that the windows do not depend on how the images are batched
+        g, keep = (torch.Generator().manual_seed(self.seed * 1_000_003 + k) for k in (0, -1))
+        pool: list[tuple[Tensor, ...]] = []
+        seen, size = 0, self.max_crops
+        for b in source:
+            images = b.images if self.use_image else None
+            zw, tw, iw = self._windows(net, b.logits.float(), b.target, images, crop, g)
+            if seen == 0:
+                window_bytes = sum(t[0].numel() * t.element_size() for t in (zw, tw, iw) if t is not None)
+                size = max(1, min(self.max_crops, int(self.max_pool_mb * 2**20 // window_bytes)))
+            for j in range(zw.shape[0]):
+                window = (zw[j].clone(), tw[j].clone(), iw[j].clone() if iw is not None else None)
+                if seen < size:
+                    pool.append(window)
+                else:
+                    slot = int(torch.randint(0, seen + 1, (1,), generator=keep))
+                    if slot < size:
+                        pool[slot] = window
+                seen += 1
+        return pool
+
+    def _train_on_pool(self, net: LTSNet, opt: torch.optim.Optimizer, pool: list[tuple[Tensor, ...]]) -> list[float]:
+        hist = []
+        for epoch in range(self.epochs):
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 1)
+            order = torch.randperm(len(pool), generator=g).tolist()
+            by_shape: dict[tuple[int, ...], list[int]] = {}  # windows of smaller images are smaller
+            for i in order:
+                by_shape.setdefault(tuple(pool[i][1].shape), []).append(i)
+            total, count = 0.0, 0
+            for members in by_shape.values():
+                for at in range(0, len(members), self.batch_crops):
+                    part = [pool[i] for i in members[at:at + self.batch_crops]]
+                    images = torch.stack([w[2] for w in part]) if part[0][2] is not None else None
+                    loss, n = self._step(net, opt, torch.stack([w[0] for w in part]), torch.stack([w[1] for w in part]),
+                                         images, padded=True)
+                    total, count = total + loss, count + n
+            hist.append(total / max(count, 1))
+        return hist
 
     def _windows(self, net: LTSNet, z: Tensor, target: Tensor, images: Tensor | None, crop: tuple[int, int],
                  g: torch.Generator) -> tuple[Tensor, Tensor, Tensor | None]:
