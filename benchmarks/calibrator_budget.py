@@ -72,11 +72,13 @@ def main() -> None:
     print(f"evaluated {len(names)} {args.eval_split} images in {time.perf_counter() - start:.0f} s")
     print(f"load average after: {os.getloadavg()}")
     print(f"fit on {len(fit_store.names)} {args.fit_split} images, {args.threads} threads\n")
-    print("| method | fit s | × TS fit | ECE % | NLL | ACE % | boundary ECE % |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| method | fit s | × TS fit | iterations | ECE % | NLL | ACE % | boundary ECE % |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for m, r in results["eval"].items():
         fit = times.get(m)
+        n_iter = getattr(fitted.get(m), "n_iter_", None)
         cells = [f"{fit:.1f}" if fit else "-", f"{fit / times['ts']:.2f}" if fit else "-",
+                 "-" if n_iter is None else str(n_iter),
                  f"{100 * r['ece']:.2f}", f"{r['nll']:.4f}", f"{100 * r['ace']:.2f}",
                  f"{100 * r['boundary_ece']:.2f}" if r.get("boundary_ece") is not None else "-"]
         print(f"| {m} | " + " | ".join(cells) + " |")

@@ -537,13 +537,19 @@ def _upgrade_legacy(d: Any) -> Any:
             "class": d["class"], "params": conv(d.get("params")), "state": conv(d.get("state"))}
 
 
-def pixel_chunks(source: BatchSource, ignore_index: int | None, max_pixels: int | None, seed: int
-                 ) -> Callable[[], Iterable[tuple[Tensor, Tensor]]]:
-    """Valid ``(z (P, C), y)`` chunks: streamed from ``source`` on every pass, or a seeded sample kept in memory."""
+def pixel_chunks(source: BatchSource, ignore_index: int | None, max_pixels: int | None, seed: int,
+                 prepare: Callable[[Tensor], Tensor] | None = None) -> Callable[[], Iterable[tuple[Tensor, Tensor]]]:
+    """Valid ``(z (P, C), y)`` chunks: streamed from ``source`` on every pass, or a seeded sample kept in memory.
+
+    ``prepare`` maps each chunk's ``z`` once (e.g. to float64 log-probabilities): for the in-memory sample once per
+    fit instead of once per L-BFGS evaluation; for streamed chunks on every pass.
+    """
     if max_pixels is not None:
         z, y, _ = subsample_pixels(source, ignore_index, max_pixels, torch.Generator().manual_seed(seed))
-        return in_memory_chunks(z, y)
-    return lambda: valid_pixels(source, ignore_index)
+        return in_memory_chunks(prepare(z) if prepare is not None else z, y)
+    if prepare is None:
+        return lambda: valid_pixels(source, ignore_index)
+    return lambda: ((prepare(z), y) for z, y in valid_pixels(source, ignore_index))
 
 
 def fit_nll(params: list[Tensor], logits_fn: Callable[[Tensor], Tensor],
@@ -572,8 +578,9 @@ def lbfgs_report(cal: Calibrator, info: dict[str, Any]) -> None:
                       "NLL may be above its optimum: raise max_iter", ConvergenceWarning, stacklevel=4)
 
 
-def chunks_and_classes(source: BatchSource, ignore_index: int | None, max_pixels: int | None, seed: int
+def chunks_and_classes(source: BatchSource, ignore_index: int | None, max_pixels: int | None, seed: int,
+                       prepare: Callable[[Tensor], Tensor] | None = None,
                        ) -> tuple[Callable[[], Iterable[tuple[Tensor, Tensor]]], int]:
     """:func:`pixel_chunks` plus the class count C (from the source, else from the first chunk)."""
-    chunks = pixel_chunks(source, ignore_index, max_pixels, seed)
+    chunks = pixel_chunks(source, ignore_index, max_pixels, seed, prepare)
     return chunks, source.num_classes or next(iter(chunks()))[0].shape[1]

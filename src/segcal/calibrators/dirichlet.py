@@ -8,6 +8,10 @@ from torch import Tensor
 from segcal.calibrators._base import BatchSource, Calibrator, chunks_and_classes, fit_nll, lbfgs_report
 
 
+def _log_probs(z: Tensor) -> Tensor:
+    return torch.log_softmax(z.double(), 1)
+
+
 class DirichletScaling(Calibrator):
     r"""Dirichlet calibration: an affine map of the log-probabilities, with optional ODIR regularisation.
 
@@ -60,7 +64,7 @@ class DirichletScaling(Calibrator):
         self.tol = tol
 
     def _fit(self, source: BatchSource) -> None:
-        chunks, c = chunks_and_classes(source, self.ignore_index, self.max_pixels, self.seed)
+        chunks, c = chunks_and_classes(source, self.ignore_index, self.max_pixels, self.seed, _log_probs)
         w = torch.eye(c, dtype=torch.float64).requires_grad_(True)
         b = torch.zeros(c, dtype=torch.float64, requires_grad=True)
         lam = self.reg_lambda
@@ -71,7 +75,7 @@ class DirichletScaling(Calibrator):
             def penalty() -> Tensor:
                 return lam * (w * off).square().sum() / max(1, c * (c - 1)) + mu * b.square().sum() / c
         info: dict = {}
-        self.nll_ = fit_nll([w, b], lambda z: torch.log_softmax(z, 1) @ w.T + b, chunks, max_iter=self.max_iter,
+        self.nll_ = fit_nll([w, b], lambda q: q @ w.T + b, chunks, max_iter=self.max_iter,
                             penalty=penalty, reduce=self._all_reduce, tol=self.tol, info=info)
         lbfgs_report(self, info)
         self.weight_, self.bias_ = w.detach().float(), b.detach().float()
