@@ -328,7 +328,7 @@ int32_t segcal_labels(const int64_t* target, int64_t P, int64_t C, int32_t has_i
   parallel(P, threads, 1 << 16, [&](int64_t begin, int64_t end, int t) {
     // branch-free, so that it vectorises; excluded classes (rare) are cleared in a second, scalar pass
     int64_t bad = 0;
-    const int64_t ign = has_ignore ? ignore : -1;  // -1 is never in range: treated as any other bad label
+    const int64_t ign = has_ignore ? ignore : -1;  // without has_ignore, `checked` = 0 keeps every label
     const int64_t checked = has_ignore ? 1 : 0, n_classes = C;
     const int64_t* __restrict lab_in = target;
     uint8_t* __restrict ok_out = valid;
